@@ -1,0 +1,229 @@
+"""`hpsearch bench`: throughput of the ways to train the same MLP, measured in one run.
+
+Rows (all on the same device, same dataset, same fixed MLP unless said otherwise):
+  seeds      the seeds' way: a torchvision-style Dataset (PIL image -> ToTensor -> Normalize per
+             sample), DataLoader(batch_size=32, shuffle=True), nn.Module, torch.optim.AdamW
+  eager      device-resident tensors, index-slice batches, plain nn.Module + torch.optim.AdamW
+  hpsearch   hpsearch's trainer, one model (population of 1; CUDA graphs on a GPU)
+  pop-K      hpsearch's trainer, K models of the same shape trained as one batched computation
+Units: samples/s (one sample through one model, forward + backward + update) and model-epochs/s
+(one model over the whole training split). `roofline` is a large fp32 matmul measured in the same
+run, turned into the model-epochs/s that the MLP's FLOPs would allow at that rate.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import Dataset, load_dataset
+from .errors import HPSearchError
+from .models import NeuralNetwork
+from .train import PopulationTrainer, TrainConfig, default_device
+
+BENCH_MODEL = dict(num_layers=4, layer_size=512, activation="relu")  # the "4x512 MLP"
+SEEDS_BATCH = 32
+FAST_BATCH = 256
+
+
+@dataclass
+class _Timer:
+    seconds: float
+    samples: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_flops_per_sample(data: Dataset) -> float:
+    """Forward + backward of the bench MLP: ~6 FLOPs per weight per sample."""
+    w = [data.in_features] + [BENCH_MODEL["layer_size"]] * (BENCH_MODEL["num_layers"] - 1) + [data.num_classes]
+    return 6.0 * sum(a * b for a, b in zip(w[:-1], w[1:]))
+
+
+def bench_seeds(data: Dataset, raw_images: np.ndarray, raw_labels: np.ndarray, seconds: float) -> _Timer:
+    """The seeds' loop: per-sample PIL -> tensor transforms through a DataLoader at batch 32."""
+    from PIL import Image
+    from torch.utils.data import DataLoader
+    from torch.utils.data import Dataset as TorchDataset
+    from torchvision import transforms
+
+    class MNISTLike(TorchDataset):  # what torchvision.datasets.MNIST.__getitem__ does
+        def __init__(self, images, labels, transform):
+            self.images, self.labels, self.transform = images, labels, transform
+
+        def __len__(self):
+            return len(self.labels)
+
+        def __getitem__(self, i):
+            img = Image.fromarray(self.images[i], mode="L")
+            return self.transform(img), int(self.labels[i])
+
+    device = data.train_x.device
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((data.mean,), (data.std,))])
+    loader = DataLoader(MNISTLike(raw_images, raw_labels, tf), batch_size=SEEDS_BATCH, shuffle=True)
+    model = NeuralNetwork(**BENCH_MODEL, in_features=data.in_features, num_classes=data.num_classes).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return _timed_loop(device, seconds, _loader_steps(loader, model, opt, device))
+
+
+def _loader_steps(loader, model, opt, device):
+    while True:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            yield len(y)
+
+
+def bench_eager(data: Dataset, seconds: float, batch: int) -> _Timer:
+    """Plain PyTorch on device-resident tensors: the obvious fast rewrite, one model."""
+    device = data.train_x.device
+    model = NeuralNetwork(**BENCH_MODEL, in_features=data.in_features, num_classes=data.num_classes,
+                          mean=data.mean, std=data.std).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x_all, y_all = data.train_x, data.train_y
+
+    def steps():
+        while True:
+            perm = torch.randperm(len(y_all), device=device)
+            for s in range(0, len(perm), batch):
+                idx = perm[s:s + batch]
+                loss = F.cross_entropy(model(x_all[idx]), y_all[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                yield len(idx)
+
+    return _timed_loop(device, seconds, steps())
+
+
+def _timed_loop(device: torch.device, seconds: float, steps) -> _Timer:
+    # warm up (allocator, cuBLAS heuristics, DataLoader iterator) before timing
+    for _ in range(5):
+        next(steps)
+    _sync(device)
+    start = time.perf_counter()
+    samples = 0
+    while True:
+        samples += next(steps)
+        if time.perf_counter() - start >= seconds:
+            _sync(device)
+            return _Timer(time.perf_counter() - start, samples)
+
+
+def bench_trainer(data: Dataset, k: int, epochs: int, batch: int) -> _Timer:
+    """hpsearch's trainer with K identical-shape members (different seeds), whole epochs."""
+    trainer = PopulationTrainer(data)
+    for i in range(k):
+        trainer.add(i, TrainConfig(**BENCH_MODEL, batch_size=batch, epochs=epochs + 1, seed=i))
+    trainer.run_epoch()  # warm-up epoch: group build, graph capture
+    _sync(data.train_x.device)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        trainer.run_epoch()
+    _sync(data.train_x.device)
+    return _Timer(time.perf_counter() - start, k * epochs * len(data.train_y))
+
+
+def matmul_roofline(device: torch.device, seconds: float = 0.5) -> float:
+    """Measured fp32 matmul FLOP/s (TF32 off) on a large square problem."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        a @ b
+        _sync(device)
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            reps += 1
+            if device.type == "cuda" and reps % 10:
+                continue
+            _sync(device)
+        _sync(device)
+        return 2 * n**3 * reps / (time.perf_counter() - start)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def run_bench(device: str = "auto", dataset: str = "fashion-mnist", data_dir: str | None = None,
+              quick: bool = False, populations: tuple[int, ...] | None = None) -> dict:
+    try:
+        dev = default_device(device)
+    except ValueError as exc:
+        raise HPSearchError(str(exc)) from None
+    data = load_dataset(dataset, data_dir, dev)
+    n_train = len(data.train_y)
+    # The seeds' loop reads raw uint8 images through PIL, as torchvision's MNIST dataset does.
+    raw = (data.train_x.view(-1, *data.image_shape).mul(255).round().to(torch.uint8).cpu().numpy())
+    raw_labels = data.train_y.cpu().numpy()
+    seconds = 2.0 if quick else 8.0
+    epochs = 1 if quick else (3 if dev.type == "cuda" else 1)
+    if populations is None:
+        populations = (4, 16, 64) if dev.type == "cuda" else (4,)
+
+    rows = []
+
+    def add(name: str, what: str, t: _Timer, k: int = 1) -> None:
+        sps = t.samples / t.seconds
+        rows.append({"name": name, "what": what, "models": k, "samples_per_s": sps,
+                     "model_epochs_per_s": sps / n_train, "seconds": t.seconds})
+
+    add("seeds", f"DataLoader + per-sample ToTensor, batch {SEEDS_BATCH}", bench_seeds(data, raw, raw_labels, seconds))
+    add("eager", f"device tensors, nn.Module + AdamW, batch 128", bench_eager(data, seconds, 128))
+    add("hpsearch", f"hpsearch trainer, 1 model, batch {FAST_BATCH}", bench_trainer(data, 1, epochs, FAST_BATCH))
+    for k in populations:
+        add(f"pop-{k}", f"hpsearch trainer, {k} models at once, batch {FAST_BATCH}",
+            bench_trainer(data, k, epochs, FAST_BATCH), k)
+    flops = matmul_roofline(dev)
+    base = rows[0]["samples_per_s"]
+    eager = rows[1]["samples_per_s"]
+    for r in rows:
+        r["vs_seeds"] = r["samples_per_s"] / base
+        r["vs_eager"] = r["samples_per_s"] / eager
+    return {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
+        f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__,
+        "dataset": data.name, "train_samples": n_train,
+        "model": f"{BENCH_MODEL['num_layers']} Linear layers x {BENCH_MODEL['layer_size']} {BENCH_MODEL['activation']}",
+        "rows": rows,
+        "roofline": {
+            "matmul_flops": flops,
+            "model_flops_per_sample": model_flops_per_sample(data),
+            "model_epochs_per_s": flops / model_flops_per_sample(data) / n_train,
+        },
+        "speedup_vs_seeds": rows[2]["samples_per_s"] / base,
+        "best_vs_seeds": max(r["vs_seeds"] for r in rows),
+        "best_vs_eager": max(r["vs_eager"] for r in rows),
+    }
+
+
+def print_bench(results: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"hpsearch bench: {results['model']} on {results['dataset']}, {results['device']}")
+    for col in ("way", "what", "samples/s", "model-epochs/s", "vs seeds", "vs eager"):
+        table.add_column(col, justify="left" if col in ("way", "what") else "right")
+    for r in results["rows"]:
+        table.add_row(r["name"], r["what"], f"{r['samples_per_s']:,.0f}", f"{r['model_epochs_per_s']:.3f}",
+                      f"{r['vs_seeds']:.1f}x", f"{r['vs_eager']:.2f}x")
+    roof = results["roofline"]
+    table.add_row("roofline", f"fp32 matmul {roof['matmul_flops'] / 1e9:,.0f} GFLOP/s measured",
+                  f"{roof['model_epochs_per_s'] * results['train_samples']:,.0f}", f"{roof['model_epochs_per_s']:.3f}", "", "")
+    console.print(table)
+    console.print(f"hpsearch trainer vs the seeds' way: {results['speedup_vs_seeds']:.1f}x (one model); "
+                  f"best row {results['best_vs_seeds']:.1f}x vs seeds, {results['best_vs_eager']:.2f}x vs eager")

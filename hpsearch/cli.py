@@ -1,0 +1,169 @@
+"""The `hpsearch` command: parse, validate, call the library, print with rich.
+
+User errors (`HPSearchError`) become one line on stderr and exit code 2; `--debug` shows the
+traceback instead. Every command is a thin wrapper over a library function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import HPSearchError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Hyperparameter search for MNIST-style image classifiers (Optuna + PyTorch).",
+)
+console = Console(stderr=False, highlight=False)
+err_console = Console(stderr=True, highlight=False)
+_DEBUG = {"on": False}
+
+STORAGE_HELP = "Optuna storage URL (sqlite:///path.db, postgresql://..., journal:path.log)."
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    _DEBUG["on"] = debug
+    if not debug:
+        warnings.filterwarnings("ignore", module="optuna")
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
+class RichReporter:
+    """Progress bar (trials done, best so far, ETA) and one concise line per finished trial."""
+
+    def __init__(self):
+        self.progress: Progress | None = None
+        self.task = None
+
+    def start(self, settings, data, already, population):
+        from .search import population_size  # noqa: F401 - keeps import cost off `--help`
+
+        console.print(
+            f"[bold]study[/] {settings.study}  [bold]storage[/] {settings.storage}  "
+            f"[bold]data[/] {data.name} ({len(data.train_y)} train / {len(data.val_y)} val, {data.source})  "
+            f"[bold]device[/] {data.train_x.device}  [bold]population[/] {population}")
+        if already:
+            console.print(f"continuing: {already} of {settings.trials} trials already finished")
+        self.progress = Progress(
+            TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TextColumn("eta"),
+            TimeRemainingColumn(), console=console, transient=False,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("trials", total=settings.trials, completed=min(already, settings.trials),
+                                           best="-")
+
+    def trial_finished(self, outcome, best, done):
+        p = outcome.params
+        shape = f"{p.get('num_layers', '?')}x{p.get('layer_size', '?')} {p.get('activation', '')}"
+        opt = f"{p.get('optimizer', '')} lr={p.get('lr', 0):.2g} wd={p.get('weight_decay', 0):.1g} bs={p.get('batch_size', '')}"
+        state = "[green]complete[/]" if outcome.state == "COMPLETE" else f"[yellow]{outcome.reason or 'pruned'}[/]"
+        self.progress.console.print(
+            f"trial {outcome.number:>4} {state:<22} val_acc {outcome.value:.4f}  epochs {outcome.epochs:>3}  "
+            f"{outcome.seconds_per_epoch:6.2f}s/epoch  {shape}  {opt}")
+        self.progress.update(self.task, completed=done, best=f"{best:.4f}" if best is not None else "-")
+
+    def finish(self, summary):
+        if self.progress is not None:
+            self.progress.stop()
+        best = f"{summary.best_value:.4f} (trial {summary.best_trial})" if summary.best_value is not None else "-"
+        console.print(
+            f"[bold]done[/]: {summary.trials_run} trials in {summary.wall_seconds:.1f}s "
+            f"({summary.finished_in_study} finished in study; stopped by {summary.stopped_by}); best {best}; "
+            f"population K={summary.population} on {summary.device}; "
+            f"{summary.model_epochs_per_second:.2f} model-epochs/s")
+        if summary.best_params:
+            console.print("best params: " + json.dumps(summary.best_params))
+
+
+@app.command()
+def run(
+    trials: int = typer.Option(20, "--trials", "-n", help="Finished trials the study should hold (re-running continues up to this)."),
+    timeout: Optional[float] = typer.Option(None, help="Stop asking for trials after this many seconds."),
+    study: str = typer.Option("hpsearch", help="Study name."),
+    storage: str = typer.Option("sqlite:///studies/hpsearch.db", help=STORAGE_HELP),
+    dataset: str = typer.Option("fashion-mnist", help="mnist, fashion-mnist, kmnist or idx (a directory of IDX files)."),
+    data_dir: Optional[str] = typer.Option(None, help="Directory with the four IDX files (raw or .gz), or where to download."),
+    space: Optional[str] = typer.Option(None, help="Search-space TOML (default studies/mlp.toml, else the packaged one)."),
+    epochs: int = typer.Option(20, help="Epoch budget per trial; pruning decides how many a trial gets."),
+    subset: Optional[int] = typer.Option(None, help="Use N training images (stratified) for quick CPU runs."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    seed: int = typer.Option(0, help="Seed for the split, the sampler and every trial."),
+    pruner: str = typer.Option("median", help="median, hyperband or none."),
+    population: str = typer.Option("auto", help="Trials trained at once as one batched computation (K or auto: 1 on CPU, 32 on GPU)."),
+    val_fraction: float = typer.Option(0.1, help="Share of the training file held out for validation."),
+) -> None:
+    """Search: sample, train and prune trials into an Optuna study (resumable)."""
+    from .search import RunSettings, run_study
+
+    settings = RunSettings(trials=trials, timeout=timeout, study=study, storage=storage, dataset=dataset,
+                           data_dir=data_dir, space=space, epochs=epochs, subset=subset, device=device,
+                           seed=seed, pruner=pruner, population=population, val_fraction=val_fraction)
+    run_study(settings, RichReporter())
+
+
+@app.command()
+def studies(
+    storage: str = typer.Option("sqlite:///studies/hpsearch.db", help=STORAGE_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """List the studies in a storage with trial counts and best values."""
+    from .search import list_studies
+
+    if storage.startswith("sqlite:///") and not os.path.exists(storage[len("sqlite:///"):]):
+        raise HPSearchError(f"no study database at {storage[len('sqlite:///'):]}; run `hpsearch run` first")
+    rows = list_studies(storage)
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    if not rows:
+        console.print(f"no studies in {storage}")
+        return
+    table = Table(title=storage)
+    for col in ("study", "dataset", "trials", "complete", "pruned", "failed", "running", "best", "started"):
+        table.add_column(col, justify="right" if col not in ("study", "dataset", "started") else "left")
+    for r in rows:
+        table.add_row(*[f"{r[c]:.4f}" if c == "best" and r[c] is not None else str(r[c] if r[c] is not None else "-")
+                        for c in ("study", "dataset", "trials", "complete", "pruned", "failed", "running", "best", "started")])
+    console.print(table)
+
+
+@app.command()
+def bench(
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    dataset: str = typer.Option("fashion-mnist", help="Dataset to time on."),
+    data_dir: Optional[str] = typer.Option(None, help="Directory with the IDX files."),
+    quick: bool = typer.Option(False, help="Shorter measurements (for smoke tests)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """Measure training throughput: hpsearch's trainer against the seeds' DataLoader loop."""
+    from .bench import print_bench, run_bench
+
+    results = run_bench(device=device, dataset=dataset, data_dir=data_dir, quick=quick)
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_bench(results, console)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=True)
+    except HPSearchError as exc:
+        if _DEBUG["on"]:
+            raise
+        err_console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; run the same command again to continue the study")
+        sys.exit(130)

@@ -1,0 +1,165 @@
+"""Search spaces as data: a TOML file declares each sampled parameter and its range.
+
+This module only parses and validates; `search.py` turns a `Space` into Optuna distributions.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .errors import SpaceError
+from .models import ACTIVATIONS
+from .train import OPTIMIZERS
+
+DEFAULT_SPACE_PATH = Path("studies/mlp.toml")
+
+# Every parameter a space may name: its Python type and the values that make sense.
+_RULES: dict[str, tuple[type, object]] = {
+    "num_layers": (int, lambda v: 1 <= v <= 32),
+    "layer_size": (int, lambda v: 1 <= v <= 16384),
+    "activation": (str, set(ACTIVATIONS)),
+    "dropout": (float, lambda v: 0.0 <= v < 1.0),
+    "optimizer": (str, set(OPTIMIZERS)),
+    "lr": (float, lambda v: 0.0 < v <= 10.0),
+    "weight_decay": (float, lambda v: 0.0 <= v <= 10.0),
+    "batch_size": (int, lambda v: 1 <= v <= 65536),
+    "momentum": (float, lambda v: 0.0 <= v < 1.0),
+}
+_KINDS = ("int", "float", "categorical")
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple = ()
+
+    def to_dict(self) -> dict:
+        d = {"type": self.kind}
+        if self.kind == "categorical":
+            d["choices"] = list(self.choices)
+        else:
+            d.update(low=self.low, high=self.high)
+            if self.log:
+                d["log"] = True
+            if self.step is not None:
+                d["step"] = self.step
+        return d
+
+
+@dataclass(frozen=True)
+class Space:
+    params: tuple[Param, ...]
+    fixed: dict = field(default_factory=dict)
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return {"params": {p.name: p.to_dict() for p in self.params}, "fixed": dict(self.fixed)}
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.params]
+
+
+def _check_value(name: str, value, where: str):
+    typ, ok = _RULES[name]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, typ) or isinstance(value, bool):
+        raise SpaceError(f"{where}: {name} must be {typ.__name__}, got {value!r}")
+    valid = value in ok if isinstance(ok, set) else ok(value)
+    if not valid or (isinstance(value, float) and not math.isfinite(value)):
+        allowed = f"one of {', '.join(sorted(ok))}" if isinstance(ok, set) else "in range"
+        raise SpaceError(f"{where}: {name} = {value!r} is not {allowed}")
+    return value
+
+
+def _parse_param(name: str, spec: dict, where: str) -> Param:
+    if name not in _RULES:
+        raise SpaceError(f"{where}: unknown parameter {name!r}; known: {', '.join(_RULES)}")
+    if not isinstance(spec, dict):
+        raise SpaceError(f"{where}: [params.{name}] must be a table")
+    kind = spec.get("type")
+    if kind not in _KINDS:
+        raise SpaceError(f"{where}: {name}.type must be one of {', '.join(_KINDS)}, got {kind!r}")
+    allowed = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "log", "step"}
+    extra = set(spec) - allowed
+    if extra:
+        raise SpaceError(f"{where}: {name} has unexpected keys {', '.join(sorted(extra))} for type {kind}")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise SpaceError(f"{where}: {name}.choices must be a non-empty list")
+        choices = tuple(_check_value(name, c, where) for c in choices)
+        if len(set(choices)) != len(choices):
+            raise SpaceError(f"{where}: {name}.choices has duplicates")
+        return Param(name, kind, choices=choices)
+    typ = _RULES[name][0]
+    if (kind == "int") != (typ is int):
+        raise SpaceError(f"{where}: {name} is {'an int' if typ is int else 'a float or categorical'} parameter, not {kind}")
+    if "low" not in spec or "high" not in spec:
+        raise SpaceError(f"{where}: {name} needs low and high")
+    low, high = _check_value(name, spec["low"], where), _check_value(name, spec["high"], where)
+    if low > high:
+        raise SpaceError(f"{where}: {name}.low ({low}) is above high ({high})")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise SpaceError(f"{where}: {name}.log must be true or false")
+    if log and low <= 0:
+        raise SpaceError(f"{where}: {name} has log = true, so low must be > 0 (got {low})")
+    step = spec.get("step")
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
+            raise SpaceError(f"{where}: {name}.step must be a positive number")
+        if log:
+            raise SpaceError(f"{where}: {name} cannot have both log and step")
+    return Param(name, kind, low, high, log, step)
+
+
+def parse_space(text: str, source: str = "<string>") -> Space:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SpaceError(f"{source} is not valid TOML: {exc}") from None
+    extra = set(doc) - {"params", "fixed"}
+    if extra:
+        raise SpaceError(f"{source}: unexpected top-level keys {', '.join(sorted(extra))} (use [params.NAME] and [fixed])")
+    params_doc = doc.get("params", {})
+    fixed_doc = doc.get("fixed", {})
+    if not isinstance(params_doc, dict) or not params_doc:
+        raise SpaceError(f"{source}: declares no [params.NAME] tables")
+    if not isinstance(fixed_doc, dict):
+        raise SpaceError(f"{source}: [fixed] must be a table")
+    params = tuple(_parse_param(name, spec, source) for name, spec in params_doc.items())
+    fixed = {}
+    for name, value in fixed_doc.items():
+        if name not in _RULES:
+            raise SpaceError(f"{source}: unknown fixed setting {name!r}; known: {', '.join(_RULES)}")
+        if name in params_doc:
+            raise SpaceError(f"{source}: {name} is both sampled and fixed")
+        fixed[name] = _check_value(name, value, source)
+    return Space(params, fixed, source)
+
+
+def load_space(path: str | Path | None = None) -> Space:
+    """Read a space file. With no path: studies/mlp.toml if present, else the packaged default."""
+    if path is None:
+        if DEFAULT_SPACE_PATH.is_file():
+            path = DEFAULT_SPACE_PATH
+        else:
+            text = resources.files("hpsearch").joinpath("spaces/mlp.toml").read_text()
+            return parse_space(text, "hpsearch/spaces/mlp.toml")
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpaceError(f"cannot read search space {path}: {exc}") from None
+    return parse_space(text, str(path))

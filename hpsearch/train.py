@@ -1,0 +1,563 @@
+"""The trainer: many small MLPs trained as one batched computation ("population training").
+
+Why: a small MLP leaves a GPU idle; per-step launch overhead, not arithmetic, sets the pace.
+So every training run here is a *population* of K >= 1 members:
+
+- Members that share a batch size form a `_Group`. Their weights are stacked into one tensor per
+  layer ([K, fan_in, fan_out], zero-padded to the widest member) and trained with `baddbmm`, so a
+  step costs the same number of kernel launches for 1 member or 64.
+- Depth: a shallower member's missing hidden layers are pass-through (`where(active, f(h), h)`).
+  Width: padded units are multiplied by a 0/1 unit mask, so they output exactly zero and get
+  exactly zero gradient. Activation, dropout, optimizer (AdamW or SGD+momentum), learning rate
+  and weight decay are per-member tensors.
+- Every random choice is the member's own: init from a generator seeded with the member's seed,
+  a per-epoch permutation from (seed, epoch), and dropout masks from a counter-based hash of
+  (seed, step, layer, row, unit). So a member follows the same trajectory alone or inside any
+  population, up to floating-point rounding (tests/test_population.py proves it).
+- The dataset is a device tensor; a batch is a gather by a slice of the member's permutation.
+- The whole step (gather, forward, backward, optimizer) reads its step index from a device
+  tensor and updates everything in place, so on CUDA it can be captured once as a CUDA graph and
+  replayed; on CPU the same function runs eagerly.
+
+The trainer knows nothing of Optuna: `PopulationTrainer` takes `TrainConfig`s under caller-chosen
+keys and returns `EpochResult`s; `train_one` is the plain single-run API.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Hashable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from .data import Dataset
+from .models import LEAKY_SLOPE, ModelSpec, NeuralNetwork
+
+OPTIMIZERS = ("adamw", "sgd")
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+_M32 = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One trial: the model's shape and how to train it."""
+
+    num_layers: int = 3
+    layer_size: int = 128
+    activation: str = "relu"
+    dropout: float = 0.0
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    momentum: float = 0.9  # SGD only
+    epochs: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.batch_size < 1 or self.epochs < 1:
+            raise ValueError(f"invalid training config {self}")
+        ModelSpec(self.num_layers, self.layer_size, self.activation, self.dropout)  # validates
+
+    @classmethod
+    def from_params(cls, params: dict, **overrides) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in {**params, **overrides}.items() if k in names})
+
+    def model_spec(self, data: Dataset) -> ModelSpec:
+        return ModelSpec(self.num_layers, self.layer_size, self.activation, self.dropout,
+                         data.in_features, data.num_classes, data.mean, data.std)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EpochResult:
+    key: Hashable
+    epoch: int  # 1-based
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    seconds: float  # wall time of the group epoch this member took part in
+    group_size: int
+    finished: bool = False  # reached config.epochs; the trainer has dropped the member
+    diverged: str | None = None  # reason; the trainer has dropped the member
+
+
+# ----------------------------------------------------------------------------------------------
+# Counter-based randomness: identical for a member whatever population it is in.
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """An integer hash on values in [0, 2^32), in int64 without overflow (constant < 2^27)."""
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & _M32
+    return (x >> 16) ^ x
+
+
+def _seed_mix(*values: int) -> int:
+    """Deterministic 32-bit seed from ints (Python side, for generators)."""
+    h = 0x9E3779B9
+    for v in values:
+        h = int(_mix32(torch.tensor([(h ^ (v & _M32)) & _M32]))[0])
+    return h
+
+
+def _init_member(config: TrainConfig, spec: ModelSpec) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from the member's own seed.
+
+    Weights are [fan_in, fan_out] (the transpose of nn.Linear's layout), float32 on the CPU.
+    """
+    gen = torch.Generator().manual_seed(_seed_mix(config.seed, 1))
+    out = []
+    for fan_in, fan_out in zip(spec.widths[:-1], spec.widths[1:]):
+        bound = 1.0 / math.sqrt(fan_in)
+        w = (torch.rand(fan_out, fan_in, generator=gen) * 2 - 1) * bound
+        b = (torch.rand(fan_out, generator=gen) * 2 - 1) * bound
+        out.append((w.t().contiguous(), b))
+    return out
+
+
+def _permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(_seed_mix(seed, 2, epoch))
+    return torch.randperm(n, generator=gen)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Member:
+    key: Hashable
+    config: TrainConfig
+    spec: ModelSpec
+    epoch: int = 0
+    steps: int = 0  # optimizer steps taken, for Adam's bias correction and dropout counters
+    # CPU copies of the member's state while it is not stacked into a group tensor
+    state: dict[str, list[torch.Tensor]] | None = None
+
+
+class _Group:
+    """Members with one batch size, stacked. Rebuilt whenever membership changes."""
+
+    def __init__(self, members: list[_Member], data: Dataset, train_x: torch.Tensor,
+                 device: torch.device, dtype: torch.dtype, use_graphs: bool):
+        self.members = members
+        self.data, self.train_x = data, train_x
+        self.device, self.dtype = device, dtype
+        self.batch_size = members[0].config.batch_size
+        K = len(members)
+        L = max(m.spec.num_layers for m in members)
+        H = max(m.spec.layer_size for m in members)
+        self.K, self.L, self.H = K, L, H
+        widths = [data.in_features] + [H] * (L - 1) + [data.num_classes]
+        self.widths = widths
+        fp = dict(device=device, dtype=dtype)
+
+        def per_member(values: Iterable[float], dtype=dtype) -> torch.Tensor:
+            return torch.tensor(list(values), device=device, dtype=dtype).view(K, 1, 1)
+
+        # Parameters, optimizer state
+        self.W = [torch.zeros(K, a, b, **fp) for a, b in zip(widths[:-1], widths[1:])]
+        self.b = [torch.zeros(K, 1, b, **fp) for b in widths[1:]]
+        self.params = self.W + self.b
+        self.m = [torch.zeros_like(p) for p in self.params]  # Adam m, or SGD momentum buffer
+        self.v = [torch.zeros_like(p) for p in self.params]
+        for k, member in enumerate(members):
+            self._load_member(k, member)
+        for p in self.params:
+            p.requires_grad_(True)
+
+        # Structure: unit masks for padded widths, pass-through flags for missing layers
+        self.padded_width = any(m.spec.layer_size != H for m in members)
+        self.unit_mask = torch.zeros(K, 1, H, **fp)
+        for k, member in enumerate(members):
+            self.unit_mask[k, :, : member.spec.layer_size] = 1
+        # hidden layer l (1 <= l <= L-2) is real for a member with num_layers > l + 1
+        self.layer_active = [per_member((m.spec.num_layers > l + 1 for m in members), torch.bool)
+                             for l in range(L - 1)]
+        self.any_passthrough = any(m.spec.num_layers != L for m in members)
+
+        acts = [m.config.activation for m in members]
+        self.activation = acts[0] if len(set(acts)) == 1 else None
+        # Mixed activations in one form: sigmoidal -> a * sigmoid(c * z) + d  (tanh = 2s(2z) - 1),
+        # otherwise leaky relu with a per-member slope (relu: slope 0).
+        self.act_sigmoidal = per_member((a in ("sigmoid", "tanh") for a in acts), torch.bool)
+        self.act_scale = per_member(2.0 if a == "tanh" else 1.0 for a in acts)
+        self.act_shift = per_member(-1.0 if a == "tanh" else 0.0 for a in acts)
+        self.act_slope = per_member(LEAKY_SLOPE if a == "leaky_relu" else 0.0 for a in acts)
+
+        cfgs = [m.config for m in members]
+        self.lr = per_member(c.lr for c in cfgs)
+        self.wd = per_member(c.weight_decay for c in cfgs)
+        self.momentum = per_member(c.momentum for c in cfgs)
+        self.is_adam = per_member((c.optimizer == "adamw" for c in cfgs), torch.bool)
+        self.opts = {c.optimizer for c in cfgs}
+        self.dropout = per_member(c.dropout for c in cfgs)
+        self.any_dropout = any(c.dropout > 0 for c in cfgs)
+        self.seed32 = torch.tensor([_seed_mix(c.seed, 3) for c in cfgs], device=device).view(K, 1, 1)
+        self.step_count = torch.tensor([float(m.steps) for m in members], **fp).view(K, 1, 1)
+
+        # Per-epoch inputs, updated in place (static addresses for CUDA graphs)
+        n = len(self.data.train_y)
+        self.steps_per_epoch = math.ceil(n / self.batch_size)
+        S, B = self.steps_per_epoch, self.batch_size
+        self.perm = torch.zeros(K, S, B, dtype=torch.long, device=device)
+        last = n - (S - 1) * B
+        row_w = torch.full((S, B), 1.0 / B, **fp)
+        row_w[-1] = 0
+        row_w[-1, :last] = 1.0 / last  # the last partial batch is averaged over its own size
+        self.row_weight = row_w
+        self.row_ids = torch.arange(B, device=device).view(1, B, 1)
+        self.unit_ids = torch.arange(H, device=device).view(1, 1, H)
+        self.step_index = torch.zeros(1, dtype=torch.long, device=device)
+        self.loss_sum = torch.zeros(K, **fp)
+        self.correct_sum = torch.zeros(K, **fp)
+
+        self.use_graphs = use_graphs
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    # -- moving member state in and out of the stacked tensors --------------------------------
+
+    def _load_member(self, k: int, member: _Member) -> None:
+        with torch.no_grad():
+            if member.state is None:
+                init = _init_member(member.config, member.spec)
+                member.state = {"params": [w for w, _ in init] + [b.view(1, -1) for _, b in init]}
+            state = member.state
+            n = member.spec.num_layers
+            # member layer j -> group layer: hidden layers keep their index, the output layer is last
+            layer_map = list(range(n - 1)) + [self.L - 1]
+            for name, tensors in (("params", self.params), ("m", self.m), ("v", self.v)):
+                if name not in state:
+                    continue
+                src = state[name]
+                for j, g in enumerate(layer_map):
+                    for src_t, dst in ((src[j], tensors[g]), (src[n + j], tensors[self.L + g])):
+                        dst[k, : src_t.shape[0], : src_t.shape[1]] = src_t.to(self.device, self.dtype)
+
+    def save_member(self, k: int) -> None:
+        """Copy member k's slice out, so the group can be rebuilt without it losing anything."""
+        member = self.members[k]
+        n = member.spec.num_layers
+        widths = member.spec.widths
+        layer_map = list(range(n - 1)) + [self.L - 1]
+        state = {}
+        with torch.no_grad():
+            for name, tensors in (("params", self.params), ("m", self.m), ("v", self.v)):
+                ws = [tensors[g][k, : widths[j], : widths[j + 1]].detach().clone() for j, g in enumerate(layer_map)]
+                bs = [tensors[self.L + g][k, :, : widths[j + 1]].detach().clone() for j, g in enumerate(layer_map)]
+                state[name] = ws + bs
+        member.state = state
+        member.steps = int(self.step_count[k].item())
+
+    def to_model(self, k: int) -> NeuralNetwork:
+        self.save_member(k)
+        return member_model(self.members[k])
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _activate(self, z: torch.Tensor) -> torch.Tensor:
+        if self.activation == "relu":
+            return torch.relu(z)
+        if self.activation == "sigmoid":
+            return torch.sigmoid(z)
+        if self.activation == "tanh":
+            return torch.tanh(z)
+        if self.activation == "leaky_relu":
+            return F.leaky_relu(z, LEAKY_SLOPE)
+        sigmoidal = self.act_scale * torch.sigmoid(self.act_scale * z) + self.act_shift
+        return torch.where(self.act_sigmoidal, sigmoidal, torch.where(z >= 0, z, z * self.act_slope))
+
+    def _dropout(self, a: torch.Tensor, layer: int) -> torch.Tensor:
+        # uniform in [0, 1) from hash(seed, step, layer, row, unit): the member's own stream
+        step = self.step_count.to(torch.long)
+        key = _mix32((self.seed32 ^ _mix32((step * 8 + layer) & _M32)) & _M32)
+        rows = _mix32((key + self.row_ids) & _M32)  # [K, B, 1]
+        u = _mix32((rows + self.unit_ids[..., : a.shape[-1]]) & _M32).to(a.dtype) * (1.0 / 2**32)
+        keep = (u >= self.dropout).to(a.dtype) / (1.0 - self.dropout)
+        return a * keep
+
+    def forward(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        h = x
+        for l in range(self.L):
+            z = torch.baddbmm(self.b[l], h, self.W[l])
+            if l == self.L - 1:
+                return z
+            a = self._activate(z)
+            if train and self.any_dropout:
+                a = self._dropout(a, l)
+            if self.padded_width:
+                a = a * self.unit_mask
+            if l >= 1 and self.any_passthrough:
+                a = torch.where(self.layer_active[l], a, h)
+            h = a
+        raise AssertionError("unreachable")
+
+    def step(self) -> None:
+        """One optimizer step for every member; reads and advances `step_index` on the device."""
+        idx = self.perm.index_select(1, self.step_index).squeeze(1)  # [K, B]
+        row_w = self.row_weight.index_select(0, self.step_index)  # [1, B]
+        x = self.train_x[idx]  # [K, B, F]
+        y = self.data.train_y[idx]
+        logits = self.forward(x, train=True)
+        C = logits.shape[-1]
+        ce = F.cross_entropy(logits.reshape(-1, C), y.reshape(-1), reduction="none").view(self.K, -1)
+        member_loss = (ce * row_w).sum(1)
+        grads = torch.autograd.grad(member_loss.sum(), self.params)
+        with torch.no_grad():
+            real = (row_w > 0).to(logits.dtype)
+            self.loss_sum += (ce.detach() * real).sum(1)
+            self.correct_sum += ((logits.detach().argmax(-1) == y).to(logits.dtype) * real).sum(1)
+            self.step_count += 1
+            self._update(grads)
+            self.step_index += 1
+
+    def _update(self, grads: tuple[torch.Tensor, ...]) -> None:
+        """AdamW and SGD+momentum exactly as torch.optim does them, batched over members."""
+        lr, wd, t = self.lr, self.wd, self.step_count
+        b1, b2 = ADAM_BETAS
+        if "adamw" in self.opts:
+            bc1 = 1 - b1**t
+            bc2_sqrt = torch.sqrt(1 - b2**t)
+            step_size = lr / bc1
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            new_adam = new_sgd = None
+            if "adamw" in self.opts:
+                m_a = torch.lerp(m, g, 1 - b1)
+                v_a = v * b2 + (1 - b2) * g * g
+                new_adam = p * (1 - lr * wd) - step_size * m_a / (v_a.sqrt() / bc2_sqrt + ADAM_EPS)
+            if "sgd" in self.opts:
+                d_p = g + wd * p
+                buf = torch.where(t > 1, m * self.momentum + d_p, d_p)  # torch: first buf = d_p
+                new_sgd = p - lr * buf
+            if new_sgd is None:
+                p.copy_(new_adam); m.copy_(m_a); v.copy_(v_a)  # noqa: E702
+            elif new_adam is None:
+                p.copy_(new_sgd); m.copy_(buf)  # noqa: E702
+            else:
+                p.copy_(torch.where(self.is_adam, new_adam, new_sgd))
+                m.copy_(torch.where(self.is_adam, m_a, buf))
+                v.copy_(torch.where(self.is_adam, v_a, v))
+
+    # -- epochs --------------------------------------------------------------------------------
+
+    def train_epoch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One epoch for every member; returns per-member (mean loss, accuracy) on the device."""
+        n = len(self.data.train_y)
+        S, B = self.steps_per_epoch, self.batch_size
+        perms = torch.stack([_permutation(m.config.seed, m.epoch, n) for m in self.members])
+        padded = torch.zeros(self.K, S * B, dtype=torch.long)
+        padded[:, :n] = perms
+        self.perm.copy_(padded.view(self.K, S, B))
+        self.step_index.zero_()
+        self.loss_sum.zero_()
+        self.correct_sum.zero_()
+        done = 0
+        if self.use_graphs and self.graph is None:
+            done = self._capture()
+        for _ in range(done, S):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.step()
+        for m in self.members:
+            m.epoch += 1
+        return self.loss_sum / n, self.correct_sum / n
+
+    def _capture(self) -> int:
+        """Warm up on a side stream (real steps), then record one step as a CUDA graph."""
+        warmup = min(3, self.steps_per_epoch)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(warmup):
+                self.step()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.step()
+            self.graph = graph
+        except RuntimeError:  # capture unsupported here: stay eager, correctness first
+            self.use_graphs = False
+            self.graph = None
+        return warmup
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, chunk_rows: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-member (mean loss, accuracy) over x, y, in chunks that bound memory."""
+        loss = torch.zeros(self.K, device=self.device, dtype=self.dtype)
+        correct = torch.zeros_like(loss)
+        rows = max(1, chunk_rows // (self.K * self.H))
+        for start in range(0, len(y), rows):
+            xb = x[start:start + rows].to(self.dtype).expand(self.K, -1, -1)
+            yb = y[start:start + rows]
+            logits = self.forward(xb, train=False)
+            C = logits.shape[-1]
+            ce = F.cross_entropy(logits.reshape(-1, C), yb.repeat(self.K), reduction="none").view(self.K, -1)
+            loss += ce.sum(1)
+            correct += (logits.argmax(-1) == yb).to(loss.dtype).sum(1)
+        return loss / len(y), correct / len(y)
+
+
+def member_model(member: _Member) -> NeuralNetwork:
+    """A standalone nn.Module with the member's current weights (float32, CPU)."""
+    model = NeuralNetwork.from_spec(member.spec)
+    params = member.state["params"]
+    n = member.spec.num_layers
+    with torch.no_grad():
+        for j, linear in enumerate(model.linears()):
+            linear.weight.copy_(params[j].t().float())
+            linear.bias.copy_(params[n + j].view(-1).float())
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def default_device(requested: str = "auto") -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but no CUDA GPU is available")
+    return device
+
+
+class PopulationTrainer:
+    """Trains any number of configs at once; members join and leave between epochs.
+
+    >>> trainer = PopulationTrainer(data)                      # doctest: +SKIP
+    >>> trainer.add("a", TrainConfig(num_layers=3, epochs=2))  # doctest: +SKIP
+    >>> while trainer: results = trainer.run_epoch()           # doctest: +SKIP
+    """
+
+    def __init__(self, data: Dataset, dtype: torch.dtype = torch.float32,
+                 cuda_graphs: bool | None = None, divergence_loss: float = 1e4):
+        self.data = data
+        self.device = data.train_x.device
+        self.dtype = dtype
+        self.use_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
+        if self.use_graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device")
+        self.divergence_loss = divergence_loss
+        # Normalized once here; the models carry the same normalization as a buffer.
+        self.train_x = ((data.train_x - data.mean) / data.std).to(dtype)
+        self.val_x = ((data.val_x - data.mean) / data.std).to(dtype)
+        self._members: dict[Hashable, _Member] = {}
+        self._groups: dict[tuple, _Group] = {}
+        self._dirty: set[tuple] = set()
+        self._finished: dict[Hashable, _Member] = {}  # members that left in the last run_epoch
+        self.samples_trained = 0
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._members
+
+    @staticmethod
+    def _group_key(config: TrainConfig) -> tuple:
+        # A 1-layer model has no hidden layer to pad through, so it never shares a group.
+        return (config.batch_size, config.num_layers == 1)
+
+    def add(self, key: Hashable, config: TrainConfig) -> None:
+        if key in self._members:
+            raise KeyError(f"member {key!r} already present")
+        self._members[key] = _Member(key, config, config.model_spec(self.data))
+        self._dirty.add(self._group_key(config))
+
+    def remove(self, key: Hashable) -> None:
+        member = self._members.pop(key)
+        self._dirty.add(self._group_key(member.config))
+
+    def group_sizes(self) -> list[int]:
+        return [g.K for g in self._groups.values()]
+
+    def _rebuild(self) -> None:
+        for gk in self._dirty:
+            old = self._groups.pop(gk, None)
+            if old is not None:
+                for k, member in enumerate(old.members):
+                    if member.key in self._members:
+                        old.save_member(k)
+            members = [m for m in self._members.values() if self._group_key(m.config) == gk]
+            if members:
+                self._groups[gk] = _Group(members, self.data, self.train_x, self.device, self.dtype, self.use_graphs)
+        self._dirty.clear()
+
+    def run_epoch(self) -> list[EpochResult]:
+        """Advance every member one epoch; finished and diverged members leave the trainer."""
+        self._rebuild()
+        self._finished.clear()
+        results = []
+        for gk, group in list(self._groups.items()):
+            start = time.perf_counter()
+            train_loss, train_acc = group.train_epoch()
+            val_loss, val_acc = group.evaluate(self.val_x, self.data.val_y)
+            stats = torch.stack([train_loss, train_acc, val_loss, val_acc]).tolist()  # one sync
+            seconds = time.perf_counter() - start
+            self.samples_trained += group.K * len(self.data.train_y)
+            for k, member in enumerate(group.members):
+                tl, ta, vl, va = (s[k] for s in stats)
+                diverged = None
+                if not math.isfinite(tl) or not math.isfinite(vl):
+                    diverged = f"non-finite loss at epoch {member.epoch}"
+                elif tl > self.divergence_loss:
+                    diverged = f"loss exploded to {tl:.3g} at epoch {member.epoch}"
+                finished = diverged is None and member.epoch >= member.config.epochs
+                results.append(EpochResult(member.key, member.epoch, tl, ta, vl, va, seconds,
+                                           group.K, finished, diverged))
+                if finished or diverged:
+                    group.save_member(k)  # keep the final weights for model()
+                    self._finished[member.key] = member
+                    self.remove(member.key)
+        return results
+
+    def model(self, key: Hashable) -> NeuralNetwork:
+        """The network of a present member, or of one that left in the last `run_epoch`."""
+        if key in self._finished:
+            return member_model(self._finished[key])
+        member = self._members[key]
+        for group in self._groups.values():
+            if member in group.members:
+                return group.to_model(group.members.index(member))
+        return member_model(member)
+
+
+@dataclass
+class TrainResult:
+    model: NeuralNetwork
+    history: list[EpochResult] = field(default_factory=list)
+    stopped: str | None = None  # why training ended early: "callback" or a divergence reason
+
+    @property
+    def final(self) -> EpochResult:
+        return self.history[-1]
+
+
+def train_one(config: TrainConfig, data: Dataset,
+              on_epoch: Callable[[EpochResult], bool | None] | None = None,
+              **trainer_kwargs) -> TrainResult:
+    """Train one config alone (a population of one). `on_epoch` returning False stops early."""
+    trainer = PopulationTrainer(data, **trainer_kwargs)
+    trainer.add(0, config)
+    history: list[EpochResult] = []
+    while 0 in trainer:
+        (result,) = trainer.run_epoch()
+        history.append(result)
+        if result.diverged:
+            return TrainResult(trainer.model(0), history, result.diverged)
+        if on_epoch is not None and on_epoch(result) is False and 0 in trainer:
+            model = trainer.model(0)
+            return TrainResult(model, history, "callback")
+    return TrainResult(trainer.model(0), history)
