@@ -33,7 +33,11 @@ STORAGE_HELP = "Optuna storage URL (sqlite:///path.db, postgresql://..., journal
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
     _DEBUG["on"] = debug
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.INFO if debug else optuna.logging.WARNING)
     if not debug:
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         warnings.filterwarnings("ignore", module="optuna")
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
@@ -68,9 +72,9 @@ class RichReporter:
         shape = f"{p.get('num_layers', '?')}x{p.get('layer_size', '?')} {p.get('activation', '')}"
         opt = f"{p.get('optimizer', '')} lr={p.get('lr', 0):.2g} wd={p.get('weight_decay', 0):.1g} bs={p.get('batch_size', '')}"
         state = "[green]complete[/]" if outcome.state == "COMPLETE" else f"[yellow]{outcome.reason or 'pruned'}[/]"
-        self.progress.console.print(
+        self.progress.console.print(soft_wrap=True, *[
             f"trial {outcome.number:>4} {state:<22} val_acc {outcome.value:.4f}  epochs {outcome.epochs:>3}  "
-            f"{outcome.seconds_per_epoch:6.2f}s/epoch  {shape}  {opt}")
+            f"{outcome.seconds_per_epoch:6.2f}s/epoch  {shape}  {opt}"])
         self.progress.update(self.task, completed=done, best=f"{best:.4f}" if best is not None else "-")
 
     def finish(self, summary):
@@ -82,6 +86,8 @@ class RichReporter:
             f"({summary.finished_in_study} finished in study; stopped by {summary.stopped_by}); best {best}; "
             f"population K={summary.population} on {summary.device}; "
             f"{summary.model_epochs_per_second:.2f} model-epochs/s")
+        shares = ", ".join(f"{k} {v:.0%}" for k, v in summary.time_shares.items())
+        console.print(f"wall time: {shares}, other {max(0.0, 1 - sum(summary.time_shares.values())):.0%}")
         if summary.best_params:
             console.print("best params: " + json.dumps(summary.best_params))
 

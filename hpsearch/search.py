@@ -17,6 +17,7 @@ import math
 import platform
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -100,6 +101,8 @@ class RunSummary:
     device: str
     model_epochs: float  # one model over the whole training split = 1
     stopped_by: str  # "trials", "timeout"
+    # where the wall time went: sampling (ask), training (incl. validation), storage (report/tell/attrs)
+    time_shares: dict = field(default_factory=dict)
     model_epochs_per_second: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -156,13 +159,16 @@ def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
 
 def open_study(settings: RunSettings, space: Space) -> optuna.Study:
     storage = open_storage(settings.storage)
-    sampler = optuna.samplers.TPESampler(seed=settings.seed, multivariate=True, constant_liar=True)
     try:
-        study = optuna.create_study(study_name=settings.study, storage=storage, sampler=sampler,
+        study = optuna.create_study(study_name=settings.study, storage=storage,
                                     pruner=make_pruner(settings.pruner, settings.epochs),
                                     direction="maximize", load_if_exists=True)
     except Exception as exc:  # noqa: BLE001
         raise HPSearchError(f"cannot open study {settings.study!r} in {settings.storage}: {exc}") from None
+    # Seeded by (seed, trials so far): a resumed run must not replay the first run's samples.
+    n_before = len(study.get_trials(deepcopy=False))
+    study.sampler = optuna.samplers.TPESampler(
+        seed=(settings.seed * 1_000_003 + n_before) % 2**32, multivariate=True, constant_liar=True)
     identity = {
         "dataset": settings.dataset, "subset": settings.subset, "val_fraction": settings.val_fraction,
         "epochs": settings.epochs, "seed": settings.seed, "space": space.to_dict(),
@@ -263,7 +269,9 @@ def run_study(settings: RunSettings, reporter: Reporter | None = None) -> RunSum
     except ValueError as exc:
         raise HPSearchError(str(exc)) from None
     study = open_study(settings, space)
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     data = load_dataset(settings.dataset, settings.data_dir, device, settings.val_fraction,
                         settings.subset, settings.seed)
     K = population_size(settings.population, device, settings.trials)
@@ -275,6 +283,7 @@ def run_study(settings: RunSettings, reporter: Reporter | None = None) -> RunSum
     reporter.start(settings, data, already, K)
     start = time.perf_counter()
     active: dict[int, _ActiveTrial] = {}
+    clock = {"sample": 0.0, "train": 0.0, "storage": 0.0}
     run_count = 0
     stopped_by = "trials"
     n_train = len(data.train_y)
@@ -287,15 +296,21 @@ def run_study(settings: RunSettings, reporter: Reporter | None = None) -> RunSum
             # Fill free slots, counting trials other workers are running against the target.
             while len(active) < K and not out_of_time() and \
                     _finished_count(study, include_running=True) < settings.trials:
+                t0 = time.perf_counter()
                 trial = study.ask()
                 config = _config_for(trial, space, settings.epochs, settings.seed)
                 active[trial.number] = _ActiveTrial(trial, config)
                 trainer.add(trial.number, config)
+                clock["sample"] += time.perf_counter() - t0
             if not active:
                 if out_of_time():
                     stopped_by = "timeout"
                 break
-            for result in trainer.run_epoch():
+            t0 = time.perf_counter()
+            results = trainer.run_epoch()
+            t1 = time.perf_counter()
+            clock["train"] += t1 - t0
+            for result in results:
                 at = active[result.key]
                 at.epoch_seconds.append(result.seconds)
                 at.population.append(result.group_size)
@@ -321,6 +336,7 @@ def run_study(settings: RunSettings, reporter: Reporter | None = None) -> RunSum
                     TrialOutcome(trial.number, state.name, result.val_acc, result.epoch,
                                  sum(at.epoch_seconds) / len(at.epoch_seconds), trial.params, reason),
                     best, already + run_count)
+            clock["storage"] += time.perf_counter() - t1
     finally:
         # Interrupted (Ctrl-C, an error): trials still training are marked failed, never left RUNNING.
         for at in active.values():
@@ -339,6 +355,7 @@ def run_study(settings: RunSettings, reporter: Reporter | None = None) -> RunSum
         best_params=best_trial.params if best_trial else {},
         best_trial=best_trial.number if best_trial else None, wall_seconds=wall, population=K,
         device=label, model_epochs=trainer.samples_trained / n_train, stopped_by=stopped_by,
+        time_shares={k: round(v / wall, 4) for k, v in clock.items()} if wall > 0 else {},
     )
     reporter.finish(summary)
     return summary

@@ -451,8 +451,8 @@ class PopulationTrainer:
             raise ValueError("CUDA graphs need a CUDA device")
         self.divergence_loss = divergence_loss
         # Normalized once here; the models carry the same normalization as a buffer.
-        self.train_x = ((data.train_x - data.mean) / data.std).to(dtype)
-        self.val_x = ((data.val_x - data.mean) / data.std).to(dtype)
+        self.train_x = (data.train_x.to(dtype) - data.mean) / data.std
+        self.val_x = (data.val_x.to(dtype) - data.mean) / data.std
         self._members: dict[Hashable, _Member] = {}
         self._groups: dict[tuple, _Group] = {}
         self._dirty: set[tuple] = set()

@@ -1,0 +1,50 @@
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
+    """Write an unsigned-byte IDX file the way the MNIST files are made."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(raw))
+    else:
+        path.write_bytes(raw)
+    return path
+
+
+def make_idx_dir(directory: Path, n_train: int = 200, n_test: int = 50, classes: int = 10,
+                 gz: bool = False, seed: int = 0) -> Path:
+    """A small synthetic MNIST-format dataset: each class is a bright square at its own place."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % classes
+        images = rng.integers(0, 40, size=(n, 28, 28))
+        for i, c in enumerate(labels):
+            r, col = divmod(int(c), 5)
+            images[i, 4 + 10 * r: 12 + 10 * r, 2 + 5 * col: 6 + 5 * col] = 255
+        write_idx(directory / f"{split}-images-idx3-ubyte", images.astype(np.uint8), gz)
+        write_idx(directory / f"{split}-labels-idx1-ubyte", labels.astype(np.uint8), gz)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    if not (FASHION_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail("real Fashion-MNIST missing: apt-get install dataset-fashion-mnist (.ci/run does)")
+    return FASHION_DIR
+
+
+@pytest.fixture(scope="session")
+def fashion_small(fashion_dir):
+    from hpsearch.data import load_dataset
+
+    return load_dataset("fashion-mnist", fashion_dir, "cpu", subset=4000, seed=0)

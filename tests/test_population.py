@@ -1,0 +1,79 @@
+"""Population training: a member trains the same inside a population as alone (issue: equivalence)."""
+
+import pytest
+import torch
+
+from hpsearch.train import PopulationTrainer, TrainConfig, train_one
+
+# Different depths, widths, activations, optimizers, dropout and batch sizes (two groups).
+MIXED = {
+    "relu-2x64-adamw": TrainConfig(num_layers=2, layer_size=64, activation="relu", optimizer="adamw",
+                                   lr=2e-3, weight_decay=1e-3, batch_size=128, epochs=3, seed=1),
+    "tanh-4x100-sgd-drop": TrainConfig(num_layers=4, layer_size=100, activation="tanh", optimizer="sgd",
+                                       lr=3e-2, weight_decay=1e-4, batch_size=128, epochs=2, seed=2, dropout=0.2),
+    "sigmoid-3x48-adamw-drop": TrainConfig(num_layers=3, layer_size=48, activation="sigmoid", lr=1e-3,
+                                           batch_size=128, epochs=3, seed=3, dropout=0.1),
+    "leaky-5x32-sgd": TrainConfig(num_layers=5, layer_size=32, activation="leaky_relu", optimizer="sgd",
+                                  lr=1e-2, batch_size=64, epochs=3, seed=4),
+    "linear-1": TrainConfig(num_layers=1, layer_size=1, batch_size=128, epochs=2, seed=5),
+}
+
+
+def _train_population(data, configs, dtype, join_late=()):
+    trainer = PopulationTrainer(data, dtype=dtype)
+    for key, config in configs.items():
+        if key not in join_late:
+            trainer.add(key, config)
+    histories = {key: [] for key in configs}
+    models = {}
+    first = True
+    while len(trainer):
+        results = trainer.run_epoch()
+        for r in results:
+            histories[r.key].append(r)
+            if r.finished:
+                models[r.key] = trainer.model(r.key)
+        if first:  # members that join after the others have trained an epoch
+            for key in join_late:
+                trainer.add(key, configs[key])
+            first = False
+    return histories, models
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+def test_mixed_population_equals_members_alone(fashion_small, dtype, rtol):
+    alone = {key: train_one(config, fashion_small, dtype=dtype) for key, config in MIXED.items()}
+    histories, models = _train_population(fashion_small, MIXED, dtype)
+    for key in MIXED:
+        solo, pop = alone[key].history, histories[key]
+        assert len(solo) == len(pop) == MIXED[key].epochs
+        for a, b in zip(solo, pop):
+            assert a.val_loss == pytest.approx(b.val_loss, rel=rtol), key
+            assert a.train_loss == pytest.approx(b.train_loss, rel=rtol), key
+            assert abs(a.val_acc - b.val_acc) <= (0 if dtype == torch.float64 else 2 / len(fashion_small.val_y)), key
+        for wa, wb in zip(alone[key].model.state_dict().values(), models[key].state_dict().values()):
+            assert torch.allclose(wa, wb, rtol=rtol * 10, atol=1e-6), key
+    # it really was a population: the batch-128 members shared one group
+    assert max(r.group_size for h in histories.values() for r in h) == 3
+
+
+def test_members_joining_and_leaving_mid_training(fashion_small):
+    """Slots refill between epochs; a member's trajectory doesn't depend on who else is there."""
+    configs = dict(list(MIXED.items())[:3])
+    alone = {key: train_one(config, fashion_small, dtype=torch.float64).history for key, config in configs.items()}
+    histories, _ = _train_population(fashion_small, configs, torch.float64, join_late=("sigmoid-3x48-adamw-drop",))
+    for key in configs:
+        assert [r.val_loss for r in histories[key]] == pytest.approx([r.val_loss for r in alone[key]], rel=1e-9)
+
+
+def test_removed_member_leaves_others_untouched(fashion_small):
+    configs = dict(list(MIXED.items())[:3])
+    trainer = PopulationTrainer(fashion_small, dtype=torch.float64)
+    for key, config in configs.items():
+        trainer.add(key, config)
+    trainer.run_epoch()
+    trainer.remove("relu-2x64-adamw")  # as the pruner does
+    second = {r.key: r for r in trainer.run_epoch()}
+    assert set(second) == {"tanh-4x100-sgd-drop", "sigmoid-3x48-adamw-drop"}
+    solo = train_one(configs["sigmoid-3x48-adamw-drop"], fashion_small, dtype=torch.float64).history
+    assert second["sigmoid-3x48-adamw-drop"].val_loss == pytest.approx(solo[1].val_loss, rel=1e-9)

@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+
+from hpsearch.errors import SpaceError
+from hpsearch.space import load_space, parse_space
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_default_space():
+    space = load_space(REPO / "studies" / "mlp.toml")
+    by_name = {p.name: p for p in space.params}
+    assert set(by_name) == {"num_layers", "layer_size", "activation", "weight_decay", "lr",
+                            "batch_size", "dropout", "optimizer"}
+    assert (by_name["num_layers"].low, by_name["num_layers"].high) == (2, 5)
+    assert by_name["layer_size"].log and (by_name["layer_size"].low, by_name["layer_size"].high) == (32, 1024)
+    assert set(by_name["activation"].choices) == {"relu", "sigmoid", "tanh", "leaky_relu"}
+    assert by_name["weight_decay"].log and by_name["lr"].log
+    assert by_name["batch_size"].choices == (64, 128, 256, 512, 1024)
+    assert set(by_name["optimizer"].choices) == {"adamw", "sgd"}
+    assert "epochs" not in by_name  # the budget is not sampled
+
+
+def test_packaged_copy_matches_repo_copy():
+    assert (REPO / "studies" / "mlp.toml").read_text() == (REPO / "hpsearch" / "spaces" / "mlp.toml").read_text()
+
+
+def test_packaged_default_when_no_local_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert len(load_space().params) == 8
+
+
+@pytest.mark.parametrize("text,match", [
+    ("[params.num_layers\ntype='int'", "not valid TOML"),
+    ("", "declares no"),
+    ("[params.depth]\ntype='int'\nlow=1\nhigh=2", "unknown parameter 'depth'"),
+    ("[params.num_layers]\ntype='int'\nlow=5\nhigh=2", "above high"),
+    ("[params.num_layers]\ntype='int'\nlow=0\nhigh=2", "not in range"),
+    ("[params.lr]\ntype='float'\nlow=0.0\nhigh=0.1\nlog=true", "not in range"),
+    ("[params.weight_decay]\ntype='float'\nlow=0.0\nhigh=0.1\nlog=true", "low must be > 0"),
+    ("[params.activation]\ntype='categorical'\nchoices=['relu','gelu']", "gelu"),
+    ("[params.optimizer]\ntype='categorical'\nchoices=[]", "non-empty"),
+    ("[params.lr]\ntype='normal'\nlow=0.1\nhigh=0.2", "type must be"),
+    ("[params.lr]\ntype='float'\nlow=0.1", "needs low and high"),
+    ("[params.num_layers]\ntype='float'\nlow=1\nhigh=3", "int"),
+    ("[params.lr]\ntype='float'\nlow=0.1\nhigh=0.2\nstep=-1", "step"),
+    ("[params.lr]\ntype='float'\nlow=0.1\nhigh=0.2\ncolour='red'", "unexpected keys"),
+    ("[params.lr]\ntype='float'\nlow=0.1\nhigh=0.2\n[fixed]\nlr=0.1", "both sampled and fixed"),
+    ("[params.lr]\ntype='float'\nlow=0.1\nhigh=0.2\n[fixed]\nmomentum=1.5", "momentum"),
+    ("[params.lr]\ntype='float'\nlow=0.1\nhigh=0.2\n[other]\nx=1", "unexpected top-level"),
+])
+def test_malformed_spaces_are_refused(text, match):
+    with pytest.raises(SpaceError, match=match):
+        parse_space(text, "bad.toml")
+
+
+def test_unreadable_space_file(tmp_path):
+    with pytest.raises(SpaceError, match="cannot read"):
+        load_space(tmp_path / "missing.toml")
