@@ -27,8 +27,14 @@ from .errors import HPSearchError
 from .models import NeuralNetwork
 from .train import PopulationTrainer, TrainConfig, default_device
 
-BENCH_MODEL = dict(num_layers=4, layer_size=512, activation="relu")  # the "4x512 MLP"
+# Two fixed MLPs: a small one like the seeds' hand-tuned models (where per-step overhead rules), and
+# the 4x512 of the speed issue (where arithmetic starts to matter).
+BENCH_MODELS = {
+    "3x128": dict(num_layers=3, layer_size=128, activation="relu"),
+    "4x512": dict(num_layers=4, layer_size=512, activation="relu"),
+}
 SEEDS_BATCH = 32
+EAGER_BATCH = 128
 FAST_BATCH = 256
 
 
@@ -43,13 +49,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def model_flops_per_sample(data: Dataset) -> float:
-    """Forward + backward of the bench MLP: ~6 FLOPs per weight per sample."""
-    w = [data.in_features] + [BENCH_MODEL["layer_size"]] * (BENCH_MODEL["num_layers"] - 1) + [data.num_classes]
+def model_flops_per_sample(data: Dataset, model: dict) -> float:
+    """Forward + backward of an MLP: ~6 FLOPs per weight per sample."""
+    w = [data.in_features] + [model["layer_size"]] * (model["num_layers"] - 1) + [data.num_classes]
     return 6.0 * sum(a * b for a, b in zip(w[:-1], w[1:]))
 
 
-def bench_seeds(data: Dataset, raw_images: np.ndarray, raw_labels: np.ndarray, seconds: float) -> _Timer:
+def bench_seeds(data: Dataset, model_shape: dict, raw_images: np.ndarray, raw_labels: np.ndarray,
+                seconds: float) -> _Timer:
     """The seeds' loop: per-sample PIL -> tensor transforms through a DataLoader at batch 32."""
     from PIL import Image
     from torch.utils.data import DataLoader
@@ -70,7 +77,7 @@ def bench_seeds(data: Dataset, raw_images: np.ndarray, raw_labels: np.ndarray, s
     device = data.train_x.device
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((data.mean,), (data.std,))])
     loader = DataLoader(MNISTLike(raw_images, raw_labels, tf), batch_size=SEEDS_BATCH, shuffle=True)
-    model = NeuralNetwork(**BENCH_MODEL, in_features=data.in_features, num_classes=data.num_classes).to(device)
+    model = NeuralNetwork(**model_shape, in_features=data.in_features, num_classes=data.num_classes).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     return _timed_loop(device, seconds, _loader_steps(loader, model, opt, device))
 
@@ -86,10 +93,10 @@ def _loader_steps(loader, model, opt, device):
             yield len(y)
 
 
-def bench_eager(data: Dataset, seconds: float, batch: int) -> _Timer:
+def bench_eager(data: Dataset, model_shape: dict, seconds: float, batch: int) -> _Timer:
     """Plain PyTorch on device-resident tensors: the obvious fast rewrite, one model."""
     device = data.train_x.device
-    model = NeuralNetwork(**BENCH_MODEL, in_features=data.in_features, num_classes=data.num_classes,
+    model = NeuralNetwork(**model_shape, in_features=data.in_features, num_classes=data.num_classes,
                           mean=data.mean, std=data.std).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x_all, y_all = data.train_x, data.train_y
@@ -122,11 +129,12 @@ def _timed_loop(device: torch.device, seconds: float, steps) -> _Timer:
             return _Timer(time.perf_counter() - start, samples)
 
 
-def bench_trainer(data: Dataset, k: int, epochs: int, batch: int) -> _Timer:
+def bench_trainer(data: Dataset, model_shape: dict, k: int, epochs: int, batch: int,
+                  precision: str = "fp32") -> _Timer:
     """hpsearch's trainer with K identical-shape members (different seeds), whole epochs."""
-    trainer = PopulationTrainer(data)
+    trainer = PopulationTrainer(data, precision=precision)
     for i in range(k):
-        trainer.add(i, TrainConfig(**BENCH_MODEL, batch_size=batch, epochs=epochs + 1, seed=i))
+        trainer.add(i, TrainConfig(**model_shape, batch_size=batch, epochs=epochs + 1, seed=i))
     trainer.run_epoch()  # warm-up epoch: group build, graph capture
     _sync(data.train_x.device)
     start = time.perf_counter()
@@ -160,70 +168,91 @@ def matmul_roofline(device: torch.device, seconds: float = 0.5) -> float:
 
 
 def run_bench(device: str = "auto", dataset: str = "fashion-mnist", data_dir: str | None = None,
-              quick: bool = False, populations: tuple[int, ...] | None = None) -> dict:
+              quick: bool = False, populations: tuple[int, ...] | None = None,
+              models: tuple[str, ...] = tuple(BENCH_MODELS), seconds: float | None = None,
+              subset: int | None = None) -> dict:
+    """Time every way on every model; see the module docstring for the rows."""
     try:
         dev = default_device(device)
     except ValueError as exc:
         raise HPSearchError(str(exc)) from None
-    data = load_dataset(dataset, data_dir, dev)
+    unknown = set(models) - set(BENCH_MODELS)
+    if unknown:
+        raise HPSearchError(f"unknown bench model {', '.join(sorted(unknown))}; choose from {', '.join(BENCH_MODELS)}")
+    data = load_dataset(dataset, data_dir, dev, subset=subset)
     n_train = len(data.train_y)
     # The seeds' loop reads raw uint8 images through PIL, as torchvision's MNIST dataset does.
-    raw = (data.train_x.view(-1, *data.image_shape).mul(255).round().to(torch.uint8).cpu().numpy())
+    raw = data.train_x.view(-1, *data.image_shape).mul(255).round().to(torch.uint8).cpu().numpy()
     raw_labels = data.train_y.cpu().numpy()
-    seconds = 2.0 if quick else 8.0
-    epochs = 1 if quick else (3 if dev.type == "cuda" else 1)
+    if seconds is None:
+        seconds = 2.0 if quick else 6.0
+    epochs = 1 if quick or dev.type == "cpu" else 3
     if populations is None:
-        populations = (4, 16, 64) if dev.type == "cuda" else (4,)
-
-    rows = []
-
-    def add(name: str, what: str, t: _Timer, k: int = 1) -> None:
-        sps = t.samples / t.seconds
-        rows.append({"name": name, "what": what, "models": k, "samples_per_s": sps,
-                     "model_epochs_per_s": sps / n_train, "seconds": t.seconds})
-
-    add("seeds", f"DataLoader + per-sample ToTensor, batch {SEEDS_BATCH}", bench_seeds(data, raw, raw_labels, seconds))
-    add("eager", f"device tensors, nn.Module + AdamW, batch 128", bench_eager(data, seconds, 128))
-    add("hpsearch", f"hpsearch trainer, 1 model, batch {FAST_BATCH}", bench_trainer(data, 1, epochs, FAST_BATCH))
-    for k in populations:
-        add(f"pop-{k}", f"hpsearch trainer, {k} models at once, batch {FAST_BATCH}",
-            bench_trainer(data, k, epochs, FAST_BATCH), k)
+        populations = (8, 32, 128) if dev.type == "cuda" else (4,)
     flops = matmul_roofline(dev)
-    base = rows[0]["samples_per_s"]
-    eager = rows[1]["samples_per_s"]
-    for r in rows:
-        r["vs_seeds"] = r["samples_per_s"] / base
-        r["vs_eager"] = r["samples_per_s"] / eager
+
+    results = []
+    for model_name in models:
+        shape = BENCH_MODELS[model_name]
+        rows = []
+
+        def add(name: str, what: str, t: _Timer, k: int = 1) -> None:
+            sps = t.samples / t.seconds
+            rows.append({"name": name, "what": what, "models": k, "samples_per_s": sps,
+                         "model_epochs_per_s": sps / n_train, "seconds": t.seconds})
+
+        add("seeds", f"DataLoader + per-sample ToTensor, batch {SEEDS_BATCH}",
+            bench_seeds(data, shape, raw, raw_labels, seconds))
+        add("eager", f"device tensors, nn.Module + AdamW, batch {EAGER_BATCH}",
+            bench_eager(data, shape, seconds, EAGER_BATCH))
+        fast = "CUDA graph" if dev.type == "cuda" else "eager on CPU"
+        add("hpsearch", f"hpsearch trainer, 1 model ({fast}), batch {EAGER_BATCH}",
+            bench_trainer(data, shape, 1, epochs, EAGER_BATCH))
+        add("hpsearch-big", f"hpsearch trainer, 1 model ({fast}), batch {FAST_BATCH}",
+            bench_trainer(data, shape, 1, epochs, FAST_BATCH))
+        for k in populations:
+            add(f"pop-{k}", f"hpsearch trainer, {k} models at once, batch {FAST_BATCH}",
+                bench_trainer(data, shape, k, epochs, FAST_BATCH), k)
+        if dev.type == "cuda":
+            k = max(populations)
+            for precision in ("tf32", "bf16"):
+                add(f"pop-{k}-{precision}", f"as pop-{k}, {precision} matmuls",
+                    bench_trainer(data, shape, k, epochs, FAST_BATCH, precision), k)
+        base, eager = rows[0]["samples_per_s"], rows[1]["samples_per_s"]
+        for r in rows:
+            r["vs_seeds"] = r["samples_per_s"] / base
+            r["vs_eager"] = r["samples_per_s"] / eager
+        per_sample = model_flops_per_sample(data, shape)
+        results.append({
+            "model": model_name, "shape": shape, "rows": rows,
+            "roofline_model_epochs_per_s": flops / per_sample / n_train,
+            "model_flops_per_sample": per_sample,
+            "hpsearch_vs_seeds": rows[2]["samples_per_s"] / base,
+            "best_vs_seeds": max(r["vs_seeds"] for r in rows),
+            "best_vs_eager": max(r["vs_eager"] for r in rows),
+        })
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
         f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "dataset": data.name, "train_samples": n_train,
-        "model": f"{BENCH_MODEL['num_layers']} Linear layers x {BENCH_MODEL['layer_size']} {BENCH_MODEL['activation']}",
-        "rows": rows,
-        "roofline": {
-            "matmul_flops": flops,
-            "model_flops_per_sample": model_flops_per_sample(data),
-            "model_epochs_per_s": flops / model_flops_per_sample(data) / n_train,
-        },
-        "speedup_vs_seeds": rows[2]["samples_per_s"] / base,
-        "best_vs_seeds": max(r["vs_seeds"] for r in rows),
-        "best_vs_eager": max(r["vs_eager"] for r in rows),
+        "torch": torch.__version__, "dataset": data.name, "train_samples": n_train,
+        "matmul_flops": flops, "models": results,
     }
 
 
 def print_bench(results: dict, console) -> None:
     from rich.table import Table
 
-    table = Table(title=f"hpsearch bench: {results['model']} on {results['dataset']}, {results['device']}")
-    for col in ("way", "what", "samples/s", "model-epochs/s", "vs seeds", "vs eager"):
-        table.add_column(col, justify="left" if col in ("way", "what") else "right")
-    for r in results["rows"]:
-        table.add_row(r["name"], r["what"], f"{r['samples_per_s']:,.0f}", f"{r['model_epochs_per_s']:.3f}",
-                      f"{r['vs_seeds']:.1f}x", f"{r['vs_eager']:.2f}x")
-    roof = results["roofline"]
-    table.add_row("roofline", f"fp32 matmul {roof['matmul_flops'] / 1e9:,.0f} GFLOP/s measured",
-                  f"{roof['model_epochs_per_s'] * results['train_samples']:,.0f}", f"{roof['model_epochs_per_s']:.3f}", "", "")
-    console.print(table)
-    console.print(f"hpsearch trainer vs the seeds' way: {results['speedup_vs_seeds']:.1f}x (one model); "
-                  f"best row {results['best_vs_seeds']:.1f}x vs seeds, {results['best_vs_eager']:.2f}x vs eager")
+    for res in results["models"]:
+        table = Table(title=f"{res['model']} MLP on {results['dataset']} ({results['train_samples']} train), "
+                            f"{results['device']}, torch {results['torch']}")
+        for col in ("way", "what", "samples/s", "model-epochs/s", "vs seeds", "vs eager"):
+            table.add_column(col, justify="left" if col in ("way", "what") else "right", no_wrap=col != "what")
+        for r in res["rows"]:
+            table.add_row(r["name"], r["what"], f"{r['samples_per_s']:,.0f}", f"{r['model_epochs_per_s']:.3f}",
+                          f"{r['vs_seeds']:.1f}x", f"{r['vs_eager']:.2f}x")
+        roof = res["roofline_model_epochs_per_s"]
+        table.add_row("roofline", f"its FLOPs at the measured fp32 matmul rate ({results['matmul_flops'] / 1e9:,.0f} GFLOP/s)",
+                      f"{roof * results['train_samples']:,.0f}", f"{roof:.3f}", "", "")
+        console.print(table)
+        console.print(f"{res['model']}: hpsearch trainer vs the seeds' way {res['hpsearch_vs_seeds']:.1f}x (one model); "
+                      f"best row {res['best_vs_seeds']:.1f}x vs seeds, {res['best_vs_eager']:.2f}x vs eager")

@@ -37,6 +37,10 @@ from .data import Dataset
 from .models import LEAKY_SLOPE, ModelSpec, NeuralNetwork
 
 OPTIMIZERS = ("adamw", "sgd")
+# fp32: exact float32 matmuls. tf32: TensorFloat-32 matmuls on Ampere+ GPUs (10-bit mantissa
+# inputs, fp32 accumulate). bf16: forward/backward matmuls under bfloat16 autocast; weights,
+# optimizer state and the loss stay fp32. GPU only: on a CPU they would only cost time.
+PRECISIONS = ("fp32", "tf32", "bf16")
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 _M32 = 0xFFFFFFFF
@@ -126,9 +130,15 @@ def _init_member(config: TrainConfig, spec: ModelSpec) -> list[tuple[torch.Tenso
     return out
 
 
-def _permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(_seed_mix(seed, 2, epoch))
-    return torch.randperm(n, generator=gen)
+def permutations(seeds: list[int], epochs: list[int], n: int, device: torch.device) -> torch.Tensor:
+    """[K, n] shuffles of range(n), member k's from (seeds[k], epochs[k]) only, made on the device.
+
+    An argsort of hashed indices: one batched op for the whole population, no host-side
+    randperm and no host-to-device copy per epoch.
+    """
+    keys = torch.tensor([_seed_mix(s, 2, e) for s, e in zip(seeds, epochs)], device=device).view(-1, 1)
+    idx = torch.arange(n, device=device).view(1, -1)
+    return torch.argsort(_mix32((_mix32(keys) + idx) & _M32), dim=1, stable=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -149,7 +159,8 @@ class _Group:
     """Members with one batch size, stacked. Rebuilt whenever membership changes."""
 
     def __init__(self, members: list[_Member], data: Dataset, train_x: torch.Tensor,
-                 device: torch.device, dtype: torch.dtype, use_graphs: bool):
+                 device: torch.device, dtype: torch.dtype, use_graphs: bool, precision: str = "fp32"):
+        self.autocast_bf16 = precision == "bf16"
         self.members = members
         self.data, self.train_x = data, train_x
         self.device, self.dtype = device, dtype
@@ -287,6 +298,12 @@ class _Group:
         return a * keep
 
     def forward(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        if self.autocast_bf16:  # no autocast weight cache: it does not mix with CUDA graphs
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False):
+                return self._forward(x, train).float()
+        return self._forward(x, train)
+
+    def _forward(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         h = x
         for l in range(self.L):
             z = torch.baddbmm(self.b[l], h, self.W[l])
@@ -354,10 +371,8 @@ class _Group:
         """One epoch for every member; returns per-member (mean loss, accuracy) on the device."""
         n = len(self.data.train_y)
         S, B = self.steps_per_epoch, self.batch_size
-        perms = torch.stack([_permutation(m.config.seed, m.epoch, n) for m in self.members])
-        padded = torch.zeros(self.K, S * B, dtype=torch.long)
-        padded[:, :n] = perms
-        self.perm.copy_(padded.view(self.K, S, B))
+        perms = permutations([m.config.seed for m in self.members], [m.epoch for m in self.members], n, self.device)
+        self.perm.view(self.K, S * B)[:, :n] = perms  # the tail of the last batch stays index 0, weight 0
         self.step_index.zero_()
         self.loss_sum.zero_()
         self.correct_sum.zero_()
@@ -442,10 +457,18 @@ class PopulationTrainer:
     """
 
     def __init__(self, data: Dataset, dtype: torch.dtype = torch.float32,
-                 cuda_graphs: bool | None = None, divergence_loss: float = 1e4):
+                 cuda_graphs: bool | None = None, divergence_loss: float = 1e4, precision: str = "fp32"):
         self.data = data
         self.device = data.train_x.device
         self.dtype = dtype
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if precision != "fp32" and self.device.type != "cuda":
+            raise ValueError(f"precision {precision} needs a CUDA device; use fp32 on a CPU")
+        self.precision = precision
+        if self.device.type == "cuda":
+            # process-wide switch; an explicit choice either way so an earlier trainer can't leak
+            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         self.use_graphs = (self.device.type == "cuda") if cuda_graphs is None else cuda_graphs
         if self.use_graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
@@ -492,7 +515,8 @@ class PopulationTrainer:
                         old.save_member(k)
             members = [m for m in self._members.values() if self._group_key(m.config) == gk]
             if members:
-                self._groups[gk] = _Group(members, self.data, self.train_x, self.device, self.dtype, self.use_graphs)
+                self._groups[gk] = _Group(members, self.data, self.train_x, self.device, self.dtype,
+                                          self.use_graphs, self.precision)
         self._dirty.clear()
 
     def run_epoch(self) -> list[EpochResult]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hpsearch.train import PopulationTrainer, TrainConfig, _init_member, _permutation, train_one
+from hpsearch.train import PopulationTrainer, TrainConfig, _init_member, permutations, train_one
 
 
 def test_trainer_learns_real_fashion_mnist(fashion_small):
@@ -63,7 +63,7 @@ def test_batched_optimizer_matches_torch_optim(fashion_small, optimizer):
     x_all = fashion_small.train_x.double()
     y_all = fashion_small.train_y
     for epoch in range(config.epochs):
-        perm = _permutation(config.seed, epoch, len(y_all))
+        perm = permutations([config.seed], [epoch], len(y_all), torch.device("cpu"))[0]
         for s in range(0, len(perm), config.batch_size):
             idx = perm[s:s + config.batch_size]
             loss = F.cross_entropy(ref(x_all[idx]), y_all[idx])
@@ -83,3 +83,27 @@ def test_last_partial_batch_is_used(fashion_small):
     n = len(fashion_small.train_y)
     assert group.steps_per_epoch == math.ceil(n / 1024)
     assert torch.allclose(group.row_weight.sum(1), torch.ones(group.steps_per_epoch))
+
+
+def test_permutations_are_per_member_and_per_epoch():
+    cpu = torch.device("cpu")
+    p = permutations([1, 2, 1], [0, 0, 1], 1000, cpu)
+    assert all(torch.equal(torch.sort(row).values, torch.arange(1000)) for row in p)
+    assert not torch.equal(p[0], p[1]) and not torch.equal(p[0], p[2])
+    assert torch.equal(p[0], permutations([1], [0], 1000, cpu)[0])  # alone == in a population
+
+
+def test_bf16_autocast_path_trains(fashion_small):
+    """bf16 is for GPUs; its code path (autocast around the batched forward) is exercised on CPU here."""
+    trainer = PopulationTrainer(fashion_small)
+    trainer.precision = "bf16"  # bypass the GPU-only guard to run the same code on CPU
+    trainer.add(0, TrainConfig(num_layers=3, layer_size=64, batch_size=128, epochs=2, seed=0))
+    trainer._rebuild()
+    assert next(iter(trainer._groups.values())).autocast_bf16
+    results = [trainer.run_epoch()[0] for _ in range(2)]
+    assert results[-1].val_acc > 0.7 and math.isfinite(results[-1].train_loss)
+
+
+def test_reduced_precision_needs_cuda(fashion_small):
+    with pytest.raises(ValueError, match="CUDA"):
+        PopulationTrainer(fashion_small, precision="tf32")
