@@ -150,16 +150,115 @@ def bench(
     dataset: str = typer.Option("fashion-mnist", help="Dataset to time on."),
     data_dir: Optional[str] = typer.Option(None, help="Directory with the IDX files."),
     quick: bool = typer.Option(False, help="Shorter measurements (for smoke tests)."),
+    models: str = typer.Option("3x128,4x512", help="Comma-separated bench models (3x128, 4x512)."),
+    population: str = typer.Option("", help="Comma-separated population sizes K to time (default: 4 on CPU, 8,32,128 on GPU)."),
+    subset: Optional[int] = typer.Option(None, help="Time on N training images instead of the whole split."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Measure training throughput: hpsearch's trainer against the seeds' DataLoader loop."""
     from .bench import print_bench, run_bench
 
-    results = run_bench(device=device, dataset=dataset, data_dir=data_dir, quick=quick)
+    try:
+        pops = tuple(int(k) for k in population.split(",") if k.strip()) or None
+    except ValueError:
+        raise HPSearchError(f"--population must be comma-separated integers, got {population!r}") from None
+    if pops and min(pops) < 1:
+        raise HPSearchError("--population sizes must be at least 1")
+    results = run_bench(device=device, dataset=dataset, data_dir=data_dir, quick=quick, populations=pops,
+                        models=tuple(m.strip() for m in models.split(",") if m.strip()), subset=subset)
     if as_json:
         print(json.dumps(results, indent=2))
     else:
-        print_bench(results, console)
+        print_bench(results, Console(width=max(console.width, 130), highlight=False))
+
+
+@app.command()
+def report(
+    study: Optional[str] = typer.Option(None, help="Study name (default: the storage's only study, else 'hpsearch')."),
+    storage: str = typer.Option("sqlite:///studies/hpsearch.db", help=STORAGE_HELP),
+    out: Optional[str] = typer.Option(None, help="Output folder (default results/<study>/)."),
+    retrain: bool = typer.Option(True, "--retrain/--no-retrain",
+                                 help="Retrain the best trial on the training split and evaluate it once on the test split."),
+    importance: str = typer.Option("ped-anova", help="Importance evaluator: ped-anova (Optuna's default) or fanova (needs scikit-learn)."),
+    device: str = typer.Option("cpu", help="Device for retraining: cpu, cuda[:N] or auto."),
+    data_dir: Optional[str] = typer.Option(None, help="Where the study's dataset is, if not where the study says."),
+    artifact: bool = typer.Option(True, "--artifact/--no-artifact",
+                                  help="Also store the checkpoint as an Optuna artifact of the study (for optuna-dashboard)."),
+) -> None:
+    """Report a study: charts, trials.csv, and the best model retrained, tested and saved."""
+    from .report import write_report
+
+    index = write_report(study, storage, out, retrain=retrain, importance=importance, device=device,
+                         data_dir=data_dir, artifact=artifact, log=lambda msg: console.print(msg, soft_wrap=True))
+    line = f"[bold]report[/]: {index}"
+    best_json = index.parent / "best.json"
+    if retrain and best_json.is_file():
+        best = json.loads(best_json.read_text())
+        line += (f"  best trial {best['trial']}: validation {best['validation_accuracy']:.4f}, "
+                 f"test {best['test_accuracy']:.4f}; model {index.parent / 'best_model.pt'}")
+    console.print(line, soft_wrap=True)
+
+
+def _checkpoint_arg(checkpoint: Optional[str], study: Optional[str], storage: str) -> str:
+    if checkpoint and study:
+        raise HPSearchError("give either --checkpoint PATH or --study NAME, not both")
+    if checkpoint:
+        return checkpoint
+    if study:
+        from .report import find_study_checkpoint
+
+        return str(find_study_checkpoint(study, storage))
+    raise HPSearchError("give --checkpoint PATH (e.g. results/<study>/best_model.pt) or --study NAME")
+
+
+@app.command()
+def export(
+    checkpoint: Optional[str] = typer.Option(None, help="An hpsearch checkpoint (best_model.pt)."),
+    fmt: str = typer.Option("onnx", "--format", help="pt (a checked copy of the checkpoint), torchscript or onnx."),
+    out: str = typer.Option(..., help="File to write."),
+    study: Optional[str] = typer.Option(None, help="Take the checkpoint of this study's best trial (made by `hpsearch report`)."),
+    storage: str = typer.Option("sqlite:///studies/hpsearch.db", help=STORAGE_HELP),
+) -> None:
+    """Export a checkpoint as TorchScript or ONNX: float images [N, 1, 28, 28] in [0, 1] -> logits."""
+    from .export import export_model
+
+    path = export_model(_checkpoint_arg(checkpoint, study, storage), fmt, out)
+    console.print(f"wrote {path} ({fmt})")
+
+
+@app.command()
+def predict(
+    images: list[str] = typer.Argument(..., help="Image files (PNG, JPEG, ...; any size or mode)."),
+    checkpoint: Optional[str] = typer.Option(None, help="An hpsearch checkpoint (best_model.pt)."),
+    study: Optional[str] = typer.Option(None, help="Use the checkpoint of this study's best trial."),
+    storage: str = typer.Option("sqlite:///studies/hpsearch.db", help=STORAGE_HELP),
+    invert: bool = typer.Option(False, "--invert", help="Dark ink on a light background (scans): invert first."),
+    resize: str = typer.Option("auto", help="Images not 28x28: mnist (fit 20x20, centre of mass), fit (longer side 28) or auto (by dataset)."),
+    top: int = typer.Option(3, help="Classes listed per image in --json output."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Predict the class of image files with a checkpoint."""
+    from .export import predict_images
+
+    results = predict_images(images, _checkpoint_arg(checkpoint, study, storage), invert=invert, resize=resize, top=top)
+    if as_json:
+        print(json.dumps([r.to_dict() for r in results], indent=2))
+        return
+    for r in results:
+        print(f"{r.image}\t{r.label}\t{r.probability:.4f}")
+
+
+@app.command()
+def dashboard(
+    storage: str = typer.Option("sqlite:///studies/hpsearch.db", help=STORAGE_HELP),
+    port: int = typer.Option(8080, help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
+    artifact_dir: Optional[str] = typer.Option(None, help="Artifact store folder (default: artifacts/ beside the database)."),
+) -> None:
+    """Start optuna-dashboard on the study storage (with the report's checkpoints as artifacts)."""
+    from .dashboard import serve_dashboard
+
+    serve_dashboard(storage, host, port, artifact_dir, announce=lambda msg: console.print(msg, markup=False))
 
 
 def main() -> None:

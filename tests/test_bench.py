@@ -1,0 +1,32 @@
+import json
+import subprocess
+import sys
+
+from hpsearch.bench import run_bench
+
+
+def test_bench_measures_every_way_in_one_run(fashion_dir):
+    res = run_bench(device="cpu", models=("3x128",), populations=(2,), seconds=0.3, subset=2000)
+    (model,) = res["models"]
+    names = [r["name"] for r in model["rows"]]
+    assert names == ["seeds", "eager", "hpsearch", "hpsearch-big", "pop-2"]
+    for r in model["rows"]:
+        assert r["samples_per_s"] > 0 and r["model_epochs_per_s"] == r["samples_per_s"] / res["train_samples"]
+    assert model["rows"][0]["vs_seeds"] == 1.0 and model["rows"][1]["vs_eager"] == 1.0
+    assert model["rows"][-1]["models"] == 2
+    assert res["matmul_flops"] > 1e8 and model["roofline_model_epochs_per_s"] > 0
+
+
+def test_bench_cli_json(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hpsearch", "bench", "--device", "cpu", "--json", "--quick",
+                           "--models", "3x128", "--population", "2", "--subset", "1000"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["models"][0]["model"] == "3x128" and out["models"][0]["hpsearch_vs_seeds"] > 0
+
+
+def test_bench_rejects_bad_options(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hpsearch", "bench", "--models", "9x9"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0 and "unknown bench model" in proc.stderr and "Traceback" not in proc.stderr
