@@ -6,6 +6,8 @@ Rows (all on the same device, same dataset, same fixed MLP unless said otherwise
   eager      device-resident tensors, index-slice batches, plain nn.Module + torch.optim.AdamW
   hpsearch   hpsearch's trainer, one model (population of 1; CUDA graphs on a GPU)
   pop-K      hpsearch's trainer, K models of the same shape trained as one batched computation
+All rows run with denormals flushed to zero (the trainer does this on CPU; without it, late-epoch
+denormals can slow a CPU step ~30x, which would flatter hpsearch against the seeds' loop).
 Units: samples/s (one sample through one model, forward + backward + update) and model-epochs/s
 (one model over the whole training split). `roofline` is a large fp32 matmul measured in the same
 run, turned into the model-epochs/s that the MLP's FLOPs would allow at that rate.
@@ -181,6 +183,8 @@ def run_bench(device: str = "auto", dataset: str = "fashion-mnist", data_dir: st
         raise HPSearchError(f"unknown bench model {', '.join(sorted(unknown))}; choose from {', '.join(BENCH_MODELS)}")
     data = load_dataset(dataset, data_dir, dev, subset=subset)
     n_train = len(data.train_y)
+    # hpsearch's trainer flushes denormals on CPU; every row gets the same, so no row is slowed by them
+    torch.set_flush_denormal(True)
     # The seeds' loop reads raw uint8 images through PIL, as torchvision's MNIST dataset does.
     raw = data.train_x.view(-1, *data.image_shape).mul(255).round().to(torch.uint8).cpu().numpy()
     raw_labels = data.train_y.cpu().numpy()
