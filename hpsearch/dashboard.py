@@ -1,0 +1,70 @@
+"""`hpsearch dashboard`: optuna-dashboard on a study storage, with the study's artifact store.
+
+The server binds 127.0.0.1 unless told otherwise (the dashboard can edit and delete studies, so
+it is not put on the network by default). The artifact store is the file-system store that
+`hpsearch report` uploads the best checkpoint to (`artifacts/` beside a SQLite or journal file),
+so the dashboard lists and serves it.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from typing import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from .errors import HPSearchError, Interrupted
+from .report import artifact_dir, open_existing_storage, redact
+
+
+class _ThreadedServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - the stdlib's signature
+        pass
+
+
+def make_dashboard_server(storage: str, host: str = "127.0.0.1", port: int = 8080,
+                          artifacts: str | Path | None = None) -> tuple[WSGIServer, Path]:
+    """A ready (not yet serving) optuna-dashboard server and its artifact directory."""
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise HPSearchError("hpsearch dashboard needs optuna-dashboard: pip install 'hpsearch[dashboard]'") from None
+    from optuna.artifacts import FileSystemArtifactStore
+
+    if not 0 <= port <= 65535:
+        raise HPSearchError(f"--port must be between 0 and 65535, got {port}")
+    st = open_existing_storage(storage)
+    store_dir = Path(artifacts) if artifacts is not None else artifact_dir(storage)
+    try:
+        store_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HPSearchError(f"cannot create the artifact directory {store_dir}: {exc.strerror or exc}") from None
+    app = optuna_dashboard.wsgi(st, artifact_store=FileSystemArtifactStore(store_dir))
+    server_class = _ThreadedServer
+    if ":" in host:  # an IPv6 address such as ::1
+        server_class = type("_ThreadedServer6", (_ThreadedServer,), {"address_family": socket.AF_INET6})
+    try:
+        server = make_server(host, port, app, server_class=server_class, handler_class=_QuietHandler)
+    except OSError as exc:
+        raise HPSearchError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port") from None
+    return server, store_dir
+
+
+def serve_dashboard(storage: str, host: str = "127.0.0.1", port: int = 8080, artifacts: str | Path | None = None,
+                    announce: Callable[[str], None] = print) -> None:
+    """Serve until Ctrl-C."""
+    server, store_dir = make_dashboard_server(storage, host, port, artifacts)
+    shown_host = f"[{host}]" if ":" in host else host
+    announce(f"optuna-dashboard for {redact(storage)} on http://{shown_host}:{server.server_port}/ "
+             f"(artifacts in {store_dir}); Ctrl-C to stop")
+    try:
+        server.serve_forever()
+    except (KeyboardInterrupt, Interrupted):  # Ctrl-C, or SIGTERM through the CLI's handler
+        announce("dashboard stopped")
+    finally:
+        server.server_close()

@@ -1,0 +1,259 @@
+"""`hpsearch report` on a real (small) CPU study on Fashion-MNIST: files, numbers, artifact, errors."""
+
+import json
+import re
+import shutil
+import sqlite3
+import subprocess
+import sys
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from optuna.trial import TrialState
+
+CHARTS = ("importance", "history", "intermediate", "parallel", "slice", "contour", "size", "timeline",
+          "confusion_matrix", "misclassified", "retrain_curves", "samples")
+
+
+def cli(args, monkeypatch, capsys):
+    """Run `hpsearch ARGS` in-process through the real entry point; (exit code, stdout, stderr)."""
+    from hpsearch import cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["hpsearch", *args])
+    with pytest.raises(SystemExit) as exc:
+        cli_module.main()
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def copy_db(src, dst):
+    """Copy a SQLite database consistently (WAL mode: the file alone may not hold everything yet)."""
+    with sqlite3.connect(src) as source, sqlite3.connect(dst) as target:
+        source.backup(target)
+    target.close()
+    source.close()
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code not in (0, None), err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def study_report(tmp_path_factory, fashion_dir):
+    from hpsearch.report import write_report
+    from hpsearch.search import RunSettings, run_study
+
+    tmp = tmp_path_factory.mktemp("report")
+    storage = f"sqlite:///{tmp}/studies/s.db"
+    summary = run_study(RunSettings(trials=4, epochs=2, subset=3000, storage=storage, study="t", device="cpu",
+                                    data_dir=str(fashion_dir), pruner="none"))
+    assert summary.best_value is not None
+    logs = []
+    index = write_report("t", storage, tmp / "report", retrain=True, log=logs.append)
+    return {"tmp": tmp, "storage": storage, "out": tmp / "report", "index": index, "logs": logs}
+
+
+def test_report_writes_every_file(study_report):
+    out = study_report["out"]
+    assert study_report["index"] == out / "index.html"
+    for name in ("index.html", "trials.csv", "best.json", "best_model.pt", "summary.json", "charts/plotly.min.js"):
+        assert (out / name).is_file(), name
+    for chart in CHARTS:
+        page = (out / "charts" / f"{chart}.html").read_text()
+        assert re.search(r'<script[^>]*src="plotly.min.js"', page), chart  # opens offline: plotly.js beside it
+    page = study_report["index"].read_text()
+    # self-contained: plotly.js embedded exactly once, nothing fetched from the network
+    from plotly.offline import get_plotlyjs
+
+    assert page.count(get_plotlyjs()[:2000]) == 1
+    rest = page.replace(get_plotlyjs(), "")
+    assert not re.search(r"<script[^>]+src=", rest)
+    assert "cdn.plot.ly" not in rest and not re.search(r"(src|href)=[\"']https?:", rest)
+    for chart in CHARTS:
+        assert f'id="chart-{chart}"' in page, chart
+        assert f"charts/{chart}.html" in page
+    assert "PED-ANOVA" in page  # says which importance evaluator
+    for text in ("fashion-mnist", "best validation accuracy", "total compute time", "test accuracy"):
+        assert text in page
+
+
+def test_summary_and_trials_csv(study_report):
+    study = optuna.load_study(study_name="t", storage=study_report["storage"])
+    summary = json.loads((study_report["out"] / "summary.json").read_text())
+    assert summary["trials"] == len(study.trials) == 4
+    assert summary["best_value"] == study.best_value and summary["best_params"] == study.best_params
+    assert summary["states"]["complete"] == 4
+    assert summary["importance"]["evaluator"].startswith("PED-ANOVA")
+    df = pd.read_csv(study_report["out"] / "trials.csv")
+    assert len(df) == 4 and list(df["number"]) == [0, 1, 2, 3]
+    for col in ("value", "state", "duration_s", "params_lr", "params_num_layers", "user_attrs_best_val_acc",
+                "user_attrs_param_count", "user_attrs_curves"):
+        assert col in df.columns, col
+    assert json.loads(df["user_attrs_curves"][0])["val_acc"]  # nested attrs are JSON
+    assert df["value"].max() == pytest.approx(study.best_value)
+
+
+def test_best_json_test_accuracy_equals_load_model(study_report):
+    from hpsearch import load_dataset, load_model
+
+    best = json.loads((study_report["out"] / "best.json").read_text())
+    study = optuna.load_study(study_name="t", storage=study_report["storage"])
+    assert best["trial"] == study.best_trial.number and best["params"] == study.best_params
+    assert best["trained_on"] == "train" and best["seed"] == study.best_trial.user_attrs["seed"]
+    # same seed, same data, same code: the retrained model is the trial's model
+    assert best["reproduced_study_value"] and best["validation_accuracy"] == pytest.approx(study.best_value, abs=1e-6)
+    assert set(best["versions"]) >= {"hpsearch", "torch", "optuna", "python"}
+    assert [c["class"] for c in best["per_class"]] == best["classes"] and len(best["classes"]) == 10
+    for c in best["per_class"]:
+        assert 0 <= c["precision"] <= 1 and 0 <= c["recall"] <= 1 and 0 <= c["f1"] <= 1 and c["support"] == 1000
+
+    a = study.user_attrs
+    data = load_dataset(a["dataset"], a["data_dir"], "cpu", a["val_fraction"], a["subset"], a["seed"])
+    model = load_model(study_report["out"] / "best_model.pt")
+    assert not model.training
+    with torch.no_grad():
+        pred = model(data.test_x.view(-1, 1, 28, 28)).argmax(-1)
+    correct = int((pred == data.test_y).sum())
+    assert best["test_correct"] == correct and best["test_total"] == len(data.test_y)
+    assert best["test_accuracy"] == correct / len(data.test_y)
+    assert sum(sum(row) for row in best["confusion_matrix"]) == 10000
+    assert sum(best["confusion_matrix"][i][i] for i in range(10)) == correct
+
+
+def test_checkpoint_is_weights_only_and_stored_as_artifact(study_report):
+    from hpsearch.report import artifact_dir, find_study_checkpoint, write_report
+
+    path = study_report["out"] / "best_model.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["format"] == "hpsearch-checkpoint" and ckpt["version"] == 1
+    assert ckpt["spec"]["num_layers"] >= 1 and ckpt["classes"][0] == "T-shirt/top"
+    assert ckpt["meta"]["trial"] == json.loads((study_report["out"] / "best.json").read_text())["trial"]
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # atomic: no temp files left
+
+    storage = study_report["storage"]
+    study = optuna.load_study(study_name="t", storage=storage)
+    metas = optuna.artifacts.get_all_artifact_meta(study)
+    assert [m.filename for m in metas] == [f"best_model_trial{study.best_trial.number}.pt"]
+    stored = artifact_dir(storage) / metas[0].artifact_id
+    assert stored.parent == study_report["tmp"] / "studies" / "artifacts"
+    assert stored.read_bytes() == path.read_bytes()
+    assert find_study_checkpoint("t", storage) == stored
+
+    # a second report of the unchanged study reuses the artifact, and --no-retrain writes no model
+    again = write_report("t", storage, study_report["tmp"] / "again", retrain=True)
+    assert len(optuna.artifacts.get_all_artifact_meta(study)) == 1
+    assert json.loads((again.parent / "best.json").read_text())["artifact"]["reused"] is True
+    light = write_report("t", storage, study_report["tmp"] / "light", retrain=False)
+    assert light.is_file() and not (light.parent / "best.json").exists() and not (light.parent / "best_model.pt").exists()
+
+
+def test_report_cli_and_running_study(study_report, monkeypatch, capsys, tmp_path):
+    """The CLI writes results/<study>/ by default; a study with a running trial can be reported."""
+    storage = f"sqlite:///{tmp_path}/copy.db"
+    copy_db(study_report["tmp"] / "studies" / "s.db", tmp_path / "copy.db")
+    study = optuna.load_study(study_name="t", storage=storage)
+    running = study.ask()  # another worker is busy with it
+    running.report(0.5, 1)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(["report", "--storage", storage, "--no-retrain"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "results/t/index.html" in out
+    assert (tmp_path / "results" / "t" / "index.html").is_file()
+    assert (tmp_path / "results" / "t" / "charts" / "intermediate.html").is_file()
+    assert study.trials[-1].state == TrialState.RUNNING  # the report only read it
+
+
+def test_report_bad_studies(tmp_path, monkeypatch, capsys):
+    storage = f"sqlite:///{tmp_path}/s.db"
+    code, _, err = cli(["report", "--storage", storage], monkeypatch, capsys)
+    assert_one_line_error(code, err, "no study storage")
+    assert not (tmp_path / "s.db").exists()  # reading never creates a database
+
+    optuna.create_study(study_name="empty", storage=storage)
+    code, _, err = cli(["report", "--storage", storage, "--study", "missing"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "no study 'missing'", "empty")
+    code, _, err = cli(["report", "--storage", storage, "--study", "empty"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "has no trials yet")
+
+    failed = optuna.create_study(study_name="failed", storage=storage)
+    for _ in range(2):
+        failed.tell(failed.ask(), state=TrialState.FAIL)
+    code, _, err = cli(["report", "--storage", storage, "--study", "failed"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "only failed trials")
+    code, _, err = cli(["report", "--storage", storage], monkeypatch, capsys)
+    assert_one_line_error(code, err, "holds 2 studies", "--study")
+    code, _, err = cli(["report", "--storage", storage, "--study", "../x"], monkeypatch, capsys)
+    assert_one_line_error(code, err, "invalid study name")
+
+
+def test_report_error_through_the_installed_command(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hpsearch", "report", "--storage", f"sqlite:///{tmp_path}/none.db"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "no study storage" in proc.stderr
+
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no headless Chromium here")
+def test_index_renders_in_headless_chromium(study_report, tmp_path):
+    """Open index.html offline in Chromium: every chart is drawn (plotly's SVGs are in the DOM)."""
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=15000"]
+    url = study_report["index"].as_uri()
+    dom = subprocess.run(flags + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    drawn = re.findall(r'<div id="chart-([a-z_]+)"[^>]*class="[^"]*js-plotly-plot', dom)
+    assert set(drawn) == set(CHARTS), drawn
+    assert dom.count('class="main-svg"') >= len(CHARTS)
+
+
+def test_foreign_and_tiny_studies(tmp_path):
+    """A study made by other code (no hpsearch attributes), with one complete trial: charts that
+    need more trials say so, and retraining says what is missing."""
+    from hpsearch.errors import HPSearchError
+    from hpsearch.report import write_report
+
+    storage = f"sqlite:///{tmp_path}/other.db"
+    study = optuna.create_study(study_name="other", storage=storage, direction="maximize")
+    study.enqueue_trial({"lr": 0.01, "layer_size": 64})
+    study.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-1, log=True) + t.suggest_int("layer_size", 32, 256) / 1e4,
+                   n_trials=1)
+    index = write_report(None, storage, tmp_path / "out", retrain=False)  # the storage's only study
+    page = index.read_text()
+    assert 'id="chart-history"' in page and 'id="chart-importance"' not in page
+    assert "not available: needs at least 2 complete trials" in page
+    with pytest.raises(HPSearchError, match="does not say which dataset"):
+        write_report("other", storage, tmp_path / "out2", retrain=True)
+    with pytest.raises(HPSearchError, match="unknown importance evaluator"):
+        write_report("other", storage, tmp_path / "out3", retrain=False, importance="anova")
+    try:  # Optuna's fANOVA fits a scikit-learn forest: without it, a one-line error says so
+        import sklearn  # noqa: F401
+    except ImportError:
+        with pytest.raises(HPSearchError, match="needs scikit-learn"):
+            write_report("other", storage, tmp_path / "out3", retrain=False, importance="fanova")
+    else:
+        assert write_report("other", storage, tmp_path / "out3", retrain=False, importance="fanova").is_file()
+
+
+def test_study_from_another_machine(study_report, tmp_path):
+    """The study's data directory does not exist here: the dataset is looked for in the usual places."""
+    from hpsearch.report import write_report
+
+    copy_db(study_report["tmp"] / "studies" / "s.db", tmp_path / "moved.db")
+    storage = f"sqlite:///{tmp_path}/moved.db"
+    optuna.load_study(study_name="t", storage=storage).set_user_attr("data_dir", "/elsewhere/fashion-mnist")
+    logs = []
+    index = write_report("t", storage, tmp_path / "out", retrain=True, artifact=False, log=logs.append)
+    moved = json.loads((index.parent / "best.json").read_text())
+    original = json.loads((study_report["out"] / "best.json").read_text())
+    assert any("/elsewhere/fashion-mnist is not here" in line for line in logs)
+    assert moved["test_accuracy"] == original["test_accuracy"] and moved["artifact"] is None
