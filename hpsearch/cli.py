@@ -14,10 +14,11 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import HPSearchError
+from .errors import HPSearchError, Interrupted
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -50,10 +51,10 @@ class RichReporter:
         self.task = None
 
     def start(self, settings, data, already, population):
-        from .search import population_size  # noqa: F401 - keeps import cost off `--help`
+        from .search import redact
 
         console.print(
-            f"[bold]study[/] {settings.study}  [bold]storage[/] {settings.storage}  "
+            f"[bold]study[/] {settings.study}  [bold]storage[/] {redact(settings.storage)}  "
             f"[bold]data[/] {data.name} ({len(data.train_y)} train / {len(data.val_y)} val, {data.source})  "
             f"[bold]device[/] {data.train_x.device}  [bold]population[/] {population}")
         if already:
@@ -77,6 +78,13 @@ class RichReporter:
             f"{outcome.seconds_per_epoch:6.2f}s/epoch  {shape}  {opt}"])
         self.progress.update(self.task, completed=done, best=f"{best:.4f}" if best is not None else "-")
 
+    def note(self, message):
+        (self.progress.console if self.progress is not None else console).print(message, markup=False, soft_wrap=True)
+
+    def interrupted(self, message):
+        if self.progress is not None:
+            self.progress.stop()  # restores the cursor; main() prints the message on stderr
+
     def finish(self, summary):
         if self.progress is not None:
             self.progress.stop()
@@ -90,6 +98,55 @@ class RichReporter:
         console.print(f"wall time: {shares}, other {max(0.0, 1 - sum(summary.time_shares.values())):.0%}")
         if summary.best_params:
             console.print("best params: " + json.dumps(summary.best_params))
+
+
+class WorkerReporter:
+    """One plain line per event, prefixed with the worker's index: for `--workers` children, which
+    share the terminal with each other (no progress bars)."""
+
+    def __init__(self, index: str):
+        self.prefix = f"[w{index}]"
+        self.target = "?"
+
+    def _print(self, text: str) -> None:
+        print(f"{self.prefix} {text}", flush=True)
+
+    def start(self, settings, data, already, population):
+        self.target = settings.trials
+        self._print(f"started: {data.name} {len(data.train_y)} train / {len(data.val_y)} val on "
+                    f"{data.train_x.device}, population {population}; {already} of {settings.trials} finished")
+
+    def trial_finished(self, outcome, best, done):
+        state = "complete" if outcome.state == "COMPLETE" else (outcome.reason or "pruned")
+        best_text = f"{best:.4f}" if best is not None else "-"
+        self._print(f"trial {outcome.number:>4} {state:<10} val_acc {outcome.value:.4f}  epochs {outcome.epochs:>3}  "
+                    f"study {done}/{self.target} best {best_text}")
+
+    def note(self, message):
+        self._print(message)
+
+    def interrupted(self, message):
+        pass
+
+    def finish(self, summary):
+        self._print(f"done: {summary.trials_run} trials in {summary.wall_seconds:.1f}s "
+                    f"({summary.finished_in_study} finished in study; stopped by {summary.stopped_by})")
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """In a `--workers` child: stop cleanly (as on SIGTERM) if the parent process disappears."""
+    import signal
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="hpsearch-parent-watch", daemon=True).start()
 
 
 @app.command()
@@ -108,14 +165,28 @@ def run(
     pruner: str = typer.Option("median", help="median, hyperband or none."),
     population: str = typer.Option("auto", help="Trials trained at once as one batched computation (K or auto: 1 on CPU, 32 on GPU)."),
     val_fraction: float = typer.Option(0.1, help="Share of the training file held out for validation."),
+    workers: str = typer.Option("auto", help="Worker processes sharing the study (N, or auto: one per GPU when "
+                                             "there are several, else 1). --trials counts for all of them together."),
 ) -> None:
-    """Search: sample, train and prune trials into an Optuna study (resumable)."""
-    from .search import RunSettings, run_study
+    """Search: sample, train and prune trials into an Optuna study (resumable; safe to run in parallel)."""
+    from .search import RunSettings, resolve_workers, run_study, run_workers
 
     settings = RunSettings(trials=trials, timeout=timeout, study=study, storage=storage, dataset=dataset,
                            data_dir=data_dir, space=space, epochs=epochs, subset=subset, device=device,
                            seed=seed, pruner=pruner, population=population, val_fraction=val_fraction)
-    run_study(settings, RichReporter())
+    worker_index = os.environ.get("HPSEARCH_WORKER")
+    if worker_index is not None and os.environ.get("HPSEARCH_PARENT_PID"):  # a child of --workers
+        _watch_parent(int(os.environ["HPSEARCH_PARENT_PID"]))
+        run_study(settings, WorkerReporter(worker_index))
+        return
+    n = resolve_workers(workers, device)
+    if n == 1:
+        run_study(settings, RichReporter())
+        return
+    code = run_workers(settings, n, debug=_DEBUG["on"], echo=lambda line: console.print(line, markup=False, soft_wrap=True),
+                       echo_err=lambda line: err_console.print(line, markup=False, soft_wrap=True))
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -189,7 +260,7 @@ def report(
     from .report import write_report
 
     index = write_report(study, storage, out, retrain=retrain, importance=importance, device=device,
-                         data_dir=data_dir, artifact=artifact, log=lambda msg: console.print(msg, soft_wrap=True))
+                         data_dir=data_dir, artifact=artifact, log=lambda msg: console.print(msg, soft_wrap=True, markup=False))
     line = f"[bold]report[/]: {index}"
     best_json = index.parent / "best.json"
     if retrain and best_json.is_file():
@@ -261,14 +332,55 @@ def dashboard(
     serve_dashboard(storage, host, port, artifact_dir, announce=lambda msg: console.print(msg, markup=False))
 
 
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signum)
+
+
+def _usage_error_line(exc) -> None:
+    """Click usage errors (unknown flag, `--trials abc`) as one line, with where to get help."""
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    err_console.print(f"[red]error:[/] {escape(exc.format_message())}{escape(hint)}", soft_wrap=True, highlight=False)
+
+
 def main() -> None:
+    """Exit codes: 0 done, 2 bad input or environment (HPSearchError), 1 an I/O failure or an
+    unexpected error, 130/143 interrupted by SIGINT/SIGTERM. Always one line on stderr, never a
+    traceback unless --debug."""
+    import signal
+
+    # SIGINT and SIGTERM raise Interrupted (a BaseException that click does not turn into
+    # "Aborted!"): `run` marks its running trials failed and queued again, then we exit 128+signal.
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        from typer import rich_utils
+
+        rich_utils.rich_format_error = _usage_error_line  # one line, not a box, for bad flags too
+    except ImportError:
+        pass
     try:
         app(standalone_mode=True)
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # printing the message is not interruptible
+        message = getattr(exc, "message", None) or "interrupted; run the same command again to continue"
+        err_console.print(message, markup=False, soft_wrap=True)
+        sys.exit(exc.exit_code if isinstance(exc, Interrupted) else 130)
     except HPSearchError as exc:
         if _DEBUG["on"]:
             raise
-        err_console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("interrupted; run the same command again to continue the study")
-        sys.exit(130)
+    except OSError as exc:  # a full disk, a read-only folder, a vanished file: not a bug in hpsearch
+        if _DEBUG["on"]:
+            raise
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        err_console.print(f"[red]error:[/] {escape(str(exc.strerror or exc) + where)}", soft_wrap=True, highlight=False)
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001 - a bug: one line here, the traceback with --debug
+        if _DEBUG["on"]:
+            raise
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        err_console.print(f"[red]error:[/] unexpected {type(exc).__name__}{escape(': ' + text) if text else ''} "
+                          f"(rerun with --debug for the traceback)", soft_wrap=True, highlight=False)
+        sys.exit(1)

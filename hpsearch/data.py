@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def read_idx(path: Path) -> np.ndarray:
     """Parse one IDX file (raw or .gz) of unsigned bytes into an array; strict about its header."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:  # zlib.error: a corrupt .gz body
         raise DataError(f"cannot read {path}: {exc}") from None
     if len(raw) < 4:
         raise DataError(f"{path} is not an IDX file: only {len(raw)} bytes")

@@ -16,3 +16,19 @@ class DataError(HPSearchError):
 
 class SpaceError(HPSearchError):
     """A search-space file is malformed or out of range."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (raised by the CLI's signal handlers).
+
+    A BaseException, like KeyboardInterrupt, so `except Exception` blocks do not swallow it; but
+    not a KeyboardInterrupt, so click does not turn it into "Aborted!". `run_study` handles both.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
