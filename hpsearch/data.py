@@ -150,12 +150,12 @@ def locate(name: str, data_dir: str | os.PathLike | None = None, download: bool 
     for directory in _candidate_dirs(name, root):
         if idx_dir_complete(directory):
             return directory
+    if root is not None and any(_find_file(root, s) for s in IDX_FILES.values()):
+        load_idx_dir(root)  # partially present: report exactly which files are missing
     if name == "idx":
         where = root if root is not None else "the current directory"
         raise DataError(f"no MNIST-format IDX files in {where}; --dataset idx needs --data-dir DIR "
                         f"with {', '.join(IDX_FILES.values())} (raw or .gz)")
-    if root is not None and any(_find_file(root, s) for s in IDX_FILES.values()):
-        load_idx_dir(root)  # partially present: report exactly which files are missing
     if not download:
         raise DataError(f"{name} not found in {', '.join(map(str, _candidate_dirs(name, root)))}")
     return _download(name, root if root is not None else DEFAULT_DOWNLOAD_DIR)

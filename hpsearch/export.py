@@ -22,6 +22,7 @@ background (scans, photos of paper, drawings on white).
 from __future__ import annotations
 
 import json
+import io
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -67,12 +68,13 @@ def export_model(checkpoint: str | os.PathLike, fmt: str, out: str | os.PathLike
                 scripted = torch.jit.script(model)
             extra = {"hpsearch.json": _metadata(ckpt)}
 
-            def save(tmp: str) -> None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    torch.jit.save(scripted, tmp, _extra_files=extra)
-
-            return atomic_write(out, save)
+            # Serialize in memory, write with Python I/O: torch.jit.save straight to a file aborts
+            # the whole process (a C++ exception) when the disk fills up.
+            buffer = io.BytesIO()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.jit.save(scripted, buffer, _extra_files=extra)
+            return atomic_write(out, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
         return atomic_write(out, lambda tmp: _export_onnx(model, example, tmp, _metadata(ckpt)))
     except OSError as exc:
         raise HPSearchError(f"cannot write {out}: {exc.strerror or exc}") from None

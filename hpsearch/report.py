@@ -795,7 +795,14 @@ def write_report(study: str | None = None, storage: str = DEFAULT_STORAGE, out: 
         raise HPSearchError(f"cannot write the report to {out_dir}: {exc.strerror or exc}") from None
 
     summary = study_summary(study_obj, storage, best)
-    charts, importances, evaluator_label = study_charts(study_obj, best, importance, log)
+    # Optuna logs chart caveats ("unique value length is less than 2") as warnings; the report
+    # states what it drew, so keep stderr for errors.
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        charts, importances, evaluator_label = study_charts(study_obj, best, importance, log)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
     summary["importance"] = {"evaluator": evaluator_label, "values": importances}
 
     trials_frame(study_obj).to_csv(out_dir / "trials.csv", index=False)

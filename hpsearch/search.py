@@ -59,7 +59,7 @@ from . import __version__
 from .data import DATASET_NAMES, Dataset, load_dataset
 from .errors import HPSearchError, Interrupted
 from .space import Param, Space, load_space
-from .train import PopulationTrainer, TrainConfig, default_device
+from .train import TRAINER_VERSION, PopulationTrainer, TrainConfig, default_device
 
 DEFAULT_STORAGE = "sqlite:///studies/hpsearch.db"
 DEFAULT_STUDY = "hpsearch"
@@ -294,7 +294,7 @@ def _retry_storage_init(make: Callable[[], optuna.storages.BaseStorage]) -> optu
     raise AssertionError("unreachable")
 
 
-def _sqlite_wal(path: Path) -> None:
+def _sqlite_wal(path: Path) -> bool:
     """Switch a SQLite file to write-ahead logging (persistent; a no-op when it already is).
 
     Measured with 4 and 8 processes asking/reporting/telling as fast as they can: 1.3-2.5x the
@@ -303,14 +303,29 @@ def _sqlite_wal(path: Path) -> None:
     memory beside the file); HPSEARCH_SQLITE_WAL=0 keeps the rollback journal, e.g. on NFS.
     """
     if os.environ.get("HPSEARCH_SQLITE_WAL", "1").strip() == "0":
-        return
+        return False
     import sqlite3
 
     con = sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)
     try:
-        con.execute("PRAGMA journal_mode=WAL")
+        mode = con.execute("PRAGMA journal_mode=WAL").fetchone()
     finally:
         con.close()
+    return bool(mode) and str(mode[0]).lower() == "wal"
+
+
+def _sync_at_checkpoints(engine) -> None:
+    """PRAGMA synchronous=NORMAL on every connection of a WAL database.
+
+    In WAL mode that fsyncs at checkpoints instead of at every commit, and a crash of the process
+    or the OS still cannot corrupt the file; only a power cut may lose the last commits. Optuna
+    commits every report and user attr separately: measured with 60 TPE trials x 10 epochs on
+    this project's 2-core machine, storage + sampling went from 98 to 69 ms per trial.
+    """
+    from sqlalchemy import event
+
+    event.listen(engine, "connect", lambda con, _record: con.execute("PRAGMA synchronous=NORMAL"))
+    engine.dispose()  # connections opened before the listener reconnect with it
 
 
 def _open_sqlite_read_only(path: Path) -> optuna.storages.BaseStorage:
@@ -350,12 +365,16 @@ def open_storage(url: str, liveness: Liveness | None = None) -> optuna.storages.
                 path = storage_file(url)
                 if path is not None and liveness is None and path.is_file() and not os.access(path.parent, os.W_OK):
                     return _open_sqlite_read_only(path)
+                wal = False
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     if liveness is not None:
-                        _sqlite_wal(path)
-                return optuna.storages.RDBStorage(
+                        wal = _sqlite_wal(path)
+                storage = optuna.storages.RDBStorage(
                     url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}}, **heartbeat)
+                if wal:
+                    _sync_at_checkpoints(storage.engine)
+                return storage
             if url.startswith(("journal:", "journal+file:")):
                 file = storage_file(url)
                 if file is None:
@@ -383,8 +402,9 @@ def open_storage(url: str, liveness: Liveness | None = None) -> optuna.storages.
 
 def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
     if name == "median":
-        # Five full trials before pruning anyone, and never before the 2nd epoch.
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=min(1, epochs - 1))
+        # Five full trials before pruning anyone, and never before the 2nd epoch (steps are
+        # 1-based epochs; MedianPruner may prune once step >= n_warmup_steps).
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
     return optuna.pruners.NopPruner()
@@ -943,7 +963,8 @@ def _record(trial: optuna.Trial, at: _ActiveTrial, epochs: int, data: Dataset, d
         "curves": {k: [round(v, 6) if math.isfinite(v) else None for v in vs] for k, vs in at.curves.items()},
         "config": config.to_dict(),
         "stop_reason": reason or "completed",
-        "versions": {"hpsearch": __version__, "torch": torch.__version__, "optuna": optuna.__version__},
+        "versions": {"hpsearch": __version__, "trainer": TRAINER_VERSION, "torch": torch.__version__,
+                     "optuna": optuna.__version__},
     }
     for key, value in attrs.items():
         if isinstance(value, float) and not math.isfinite(value):

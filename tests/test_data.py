@@ -96,3 +96,10 @@ def test_offline_without_local_copy_names_the_fixes(tmp_path, monkeypatch):
 def test_unknown_dataset():
     with pytest.raises(DataError, match="unknown dataset"):
         locate("cifar", None)
+
+
+def test_idx_dataset_names_the_missing_file(tmp_path):
+    make_idx_dir(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    with pytest.raises(DataError, match="lacks train-images-idx3-ubyte"):
+        locate("idx", tmp_path)
