@@ -330,8 +330,9 @@ class _Group:
         """One optimizer step for every member; reads and advances `step_index` on the device."""
         idx = self.perm.index_select(1, self.step_index).squeeze(1)  # [K, B]
         row_w = self.row_weight.index_select(0, self.step_index)  # [1, B]
-        x = self.train_x[idx]  # [K, B, F]
-        y = self.data.train_y[idx]
+        # index_select, not x[idx]: 5x faster on CPU (127 vs 670 us for a [4, 256] batch of 784)
+        x = self.train_x.index_select(0, idx.view(-1)).view(self.K, -1, self.train_x.shape[1])  # [K, B, F]
+        y = self.data.train_y.index_select(0, idx.view(-1)).view(self.K, -1)
         logits = self.forward(x, train=True)
         C = logits.shape[-1]
         ce = F.cross_entropy(logits.reshape(-1, C), y.reshape(-1), reduction="none").view(self.K, -1)
