@@ -16,7 +16,6 @@ run, turned into the model-epochs/s that the MLP's FLOPs would allow at that rat
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from dataclasses import dataclass

@@ -1,5 +1,6 @@
 import gzip
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +49,23 @@ def fashion_small(fashion_dir):
     from hpsearch.data import load_dataset
 
     return load_dataset("fashion-mnist", fashion_dir, "cpu", subset=4000, seed=0)
+
+
+def cli(args, monkeypatch, capsys):
+    """Run `hpsearch ARGS` in-process through the real entry point; (exit code, stdout, stderr)."""
+    from hpsearch import cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["hpsearch", *args])
+    with pytest.raises(SystemExit) as exc:
+        cli_module.main()
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code not in (0, None), err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

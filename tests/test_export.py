@@ -12,25 +12,7 @@ from PIL import Image
 
 from hpsearch.errors import HPSearchError
 
-
-def cli(args, monkeypatch, capsys):
-    """Run `hpsearch ARGS` in-process through the real entry point; (exit code, stdout, stderr)."""
-    from hpsearch import cli as cli_module
-
-    monkeypatch.setattr(sys, "argv", ["hpsearch", *args])
-    with pytest.raises(SystemExit) as exc:
-        cli_module.main()
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code not in (0, None), err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:") and "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from conftest import assert_one_line_error, cli
 
 
 @pytest.fixture(scope="module")

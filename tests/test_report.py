@@ -16,16 +16,7 @@ from optuna.trial import TrialState
 CHARTS = ("importance", "history", "intermediate", "parallel", "slice", "contour", "size", "timeline",
           "confusion_matrix", "misclassified", "retrain_curves", "samples")
 
-
-def cli(args, monkeypatch, capsys):
-    """Run `hpsearch ARGS` in-process through the real entry point; (exit code, stdout, stderr)."""
-    from hpsearch import cli as cli_module
-
-    monkeypatch.setattr(sys, "argv", ["hpsearch", *args])
-    with pytest.raises(SystemExit) as exc:
-        cli_module.main()
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
+from conftest import assert_one_line_error, cli
 
 
 def copy_db(src, dst):
@@ -34,15 +25,6 @@ def copy_db(src, dst):
         source.backup(target)
     target.close()
     source.close()
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code not in (0, None), err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("error:") and "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
