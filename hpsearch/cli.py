@@ -165,6 +165,7 @@ def run(
     pruner: str = typer.Option("median", help="median, hyperband or none."),
     population: str = typer.Option("auto", help="Trials trained at once as one batched computation (K or auto: 1 on CPU, 32 on GPU)."),
     val_fraction: float = typer.Option(0.1, help="Share of the training file held out for validation."),
+    precision: str = typer.Option("fp32", help="Matmul precision on a GPU: fp32, tf32 or bf16 (autocast; weights stay fp32)."),
     workers: str = typer.Option("auto", help="Worker processes sharing the study (N, or auto: one per GPU when "
                                              "there are several, else 1). --trials counts for all of them together."),
 ) -> None:
@@ -173,7 +174,8 @@ def run(
 
     settings = RunSettings(trials=trials, timeout=timeout, study=study, storage=storage, dataset=dataset,
                            data_dir=data_dir, space=space, epochs=epochs, subset=subset, device=device,
-                           seed=seed, pruner=pruner, population=population, val_fraction=val_fraction)
+                           seed=seed, pruner=pruner, population=population, val_fraction=val_fraction,
+                           precision=precision)
     worker_index = os.environ.get("HPSEARCH_WORKER")
     if worker_index is not None and os.environ.get("HPSEARCH_PARENT_PID"):  # a child of --workers
         _watch_parent(int(os.environ["HPSEARCH_PARENT_PID"]))

@@ -59,7 +59,7 @@ from . import __version__
 from .data import DATASET_NAMES, Dataset, load_dataset
 from .errors import HPSearchError, Interrupted
 from .space import Param, Space, load_space
-from .train import TRAINER_VERSION, PopulationTrainer, TrainConfig, default_device
+from .train import PRECISIONS, TRAINER_VERSION, PopulationTrainer, TrainConfig, default_device
 
 DEFAULT_STORAGE = "sqlite:///studies/hpsearch.db"
 DEFAULT_STUDY = "hpsearch"
@@ -99,8 +99,11 @@ class RunSettings:
     pruner: str = "median"
     population: str | int = "auto"
     val_fraction: float = 0.1
+    precision: str = "fp32"  # fp32 | tf32 | bf16 (GPU only); not part of the study's identity
 
     def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise HPSearchError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.trials < 1:
             raise HPSearchError(f"--trials must be at least 1, got {self.trials}")
         if self.epochs < 1:
@@ -768,10 +771,13 @@ def run_study(settings: RunSettings, reporter: Reporter | None = None) -> RunSum
     # The data first: a typo in --data-dir or --subset must not leave a study behind.
     data = load_dataset(settings.dataset, settings.data_dir, device, settings.val_fraction,
                         settings.subset, settings.seed)
+    try:
+        trainer = PopulationTrainer(data, precision=settings.precision)
+    except ValueError as exc:  # e.g. tf32 asked for on a CPU; before the study is touched
+        raise HPSearchError(str(exc)) from None
     lock = StudyLock(settings.storage)
     study = open_study(settings, space, liveness, lock)
     K = population_size(settings.population, device, settings.trials)
-    trainer = PopulationTrainer(data)
     label = device_label(device)
 
     start = time.perf_counter()
@@ -1021,7 +1027,7 @@ def _worker_argv(settings: RunSettings, device: str, debug: bool) -> list[str]:
         "run", "--trials", str(settings.trials), "--study", settings.study, "--storage", settings.storage,
         "--dataset", settings.dataset, "--epochs", str(settings.epochs), "--device", device,
         "--seed", str(settings.seed), "--pruner", settings.pruner, "--population", str(settings.population),
-        "--val-fraction", repr(settings.val_fraction), "--workers", "1"]
+        "--val-fraction", repr(settings.val_fraction), "--precision", settings.precision, "--workers", "1"]
     for flag, value in (("--timeout", settings.timeout), ("--data-dir", settings.data_dir),
                         ("--space", settings.space), ("--subset", settings.subset)):
         if value is not None:

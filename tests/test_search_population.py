@@ -28,3 +28,14 @@ def test_population_search_fills_prunes_and_refills(tmp_path, fashion_dir):
     assert any(t.datetime_start > first_end for t in trials)
     assert study.best_value > 0.5
     assert 0 < summary.model_epochs <= 10 * 4
+
+
+def test_gpu_precision_on_cpu_is_refused_before_the_study_is_touched(tmp_path, fashion_dir):
+    import pytest
+
+    from hpsearch.errors import HPSearchError
+
+    storage = f"sqlite:///{tmp_path}/p.db"
+    with pytest.raises(HPSearchError, match="needs a CUDA device"):
+        run_study(RunSettings(trials=1, epochs=1, subset=500, storage=storage, device="cpu", precision="tf32"))
+    assert not (tmp_path / "p.db").exists()
