@@ -679,9 +679,8 @@ def _config_for(trial: optuna.Trial, space: Space, epochs: int, seed: int) -> Tr
     return TrainConfig.from_params({**space.fixed, **params}, epochs=epochs, seed=trial_seed)
 
 
-def _finished_count(study: optuna.Study, include_running: bool) -> int:
-    states = FINISHED + ((TrialState.RUNNING,) if include_running else ())
-    return len(study.get_trials(deepcopy=False, states=states))
+def _finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def _state_counts(study: optuna.Study) -> dict[str, int]:
@@ -806,7 +805,7 @@ def run_study(settings: RunSettings, reporter: Reporter | None = None) -> RunSum
             _seed_sampler(study, settings, lock)
             study.set_user_attr("dataset_info", data.describe())
             recover()
-            already = _finished_count(study, include_running=False)
+            already = _finished_count(study)
             reporter.start(settings, data, already, K)
             next_recovery = time.monotonic() + liveness.interval
             waiting = False
@@ -918,7 +917,7 @@ def run_study(settings: RunSettings, reporter: Reporter | None = None) -> RunSum
                     break
         if interrupted:
             try:
-                finished = _finished_count(study, include_running=False)
+                finished = _finished_count(study)
                 where = f"{finished} of {settings.trials} trials finished"
             except BaseException:  # noqa: BLE001
                 where = "finished trials are kept"
@@ -939,7 +938,7 @@ def run_study(settings: RunSettings, reporter: Reporter | None = None) -> RunSum
     best_trial = _best_trial(study)
     summary = RunSummary(
         study=settings.study, storage=redact(settings.storage), trials_run=run_count,
-        finished_in_study=_finished_count(study, include_running=False),
+        finished_in_study=_finished_count(study),
         best_value=best_trial.value if best_trial else None,
         best_params=best_trial.params if best_trial else {},
         best_trial=best_trial.number if best_trial else None, wall_seconds=wall, population=K,

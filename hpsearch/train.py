@@ -520,9 +520,6 @@ class PopulationTrainer:
         member = self._members.pop(key)
         self._dirty.add(self._group_key(member.config))
 
-    def group_sizes(self) -> list[int]:
-        return [g.K for g in self._groups.values()]
-
     def _rebuild(self) -> None:
         for gk in self._dirty:
             old = self._groups.pop(gk, None)
