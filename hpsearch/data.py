@@ -125,11 +125,18 @@ def _download(name: str, root: Path) -> Path:
     import torchvision.datasets as tvd
 
     cls = getattr(tvd, DATASETS[name][0])
+    target = root / DATASETS[name][0] / "raw"
+    created = [p for p in (root, root / DATASETS[name][0], target) if not p.exists()]
     try:
         root.mkdir(parents=True, exist_ok=True)
         for train in (True, False):
             cls(root=str(root), train=train, download=True)
     except Exception as exc:  # noqa: BLE001 - torchvision raises many kinds; all mean "no download"
+        for directory in reversed(created):  # leave no empty data/<Class>/raw behind
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
             f"{name} was not found locally and could not be downloaded ({reason[:160]}). "
@@ -137,7 +144,7 @@ def _download(name: str, root: Path) -> Path:
             + (", or `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else "")
             + ", or run once with network access"
         ) from None
-    return root / DATASETS[name][0] / "raw"
+    return target
 
 
 def locate(name: str, data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:

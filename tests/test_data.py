@@ -103,3 +103,17 @@ def test_idx_dataset_names_the_missing_file(tmp_path):
     (tmp_path / "train-images-idx3-ubyte").unlink()
     with pytest.raises(DataError, match="lacks train-images-idx3-ubyte"):
         locate("idx", tmp_path)
+
+
+def test_failed_download_leaves_no_empty_directories(tmp_path, monkeypatch):
+    import torchvision.datasets as tvd
+
+    class Offline:
+        def __init__(self, root, train, download):
+            (tmp_path / "data" / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(tvd, "MNIST", Offline)
+    with pytest.raises(DataError, match="could not be downloaded"):
+        data_mod._download("mnist", tmp_path / "data")
+    assert not (tmp_path / "data").exists()
