@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .data import Dataset, load_dataset
 from .errors import HPSearchError
 from .models import NeuralNetwork
-from .train import PopulationTrainer, TrainConfig, default_device
+from .train import GROUPINGS, PopulationTrainer, TrainConfig, default_device
 
 # Two fixed MLPs: a small one like the seeds' hand-tuned models (where per-step overhead rules), and
 # the 4x512 of the speed issue (where arithmetic starts to matter).
@@ -148,6 +148,34 @@ def bench_trainer(data: Dataset, model_shape: dict, k: int, epochs: int, batch: 
     return _Timer(time.perf_counter() - start, k * epochs * len(data.train_y))
 
 
+def mixed_configs(k: int, batch: int = FAST_BATCH, seed: int = 0) -> list[TrainConfig]:
+    """K shapes as the default space samples them: depth 2-5, width log-uniform in 32-1024."""
+    rng = np.random.default_rng(seed)
+    return [TrainConfig(num_layers=int(rng.integers(2, 6)), layer_size=int(round(np.exp(rng.uniform(np.log(32), np.log(1024))))),
+                        batch_size=batch, epochs=10, seed=i) for i in range(k)]
+
+
+def bench_grouping(data: Dataset, configs: list[TrainConfig], grouping: str) -> dict:
+    """One epoch of a mixed-shape population under a grouping policy (after a warm-up on CUDA)."""
+    trainer = PopulationTrainer(data, grouping=grouping)
+    for i, config in enumerate(configs):
+        trainer.add(i, config)
+    if data.train_x.device.type == "cuda":
+        trainer.run_epoch()  # group build and graph capture
+    _sync(data.train_x.device)
+    start = time.perf_counter()
+    trainer.run_epoch()
+    _sync(data.train_x.device)
+    seconds = time.perf_counter() - start
+    useful = sum(model_flops_per_sample(data, c.to_dict()) for c in configs)
+    padded = 0.0
+    for group in trainer._groups.values():
+        padded += group.K * model_flops_per_sample(data, {"num_layers": group.L, "layer_size": group.H})
+    return {"grouping": grouping, "models": len(configs), "groups": len(trainer._groups),
+            "model_epochs_per_s": len(configs) / seconds, "seconds": seconds,
+            "useful_flop_share": useful / padded}
+
+
 def matmul_roofline(device: torch.device, seconds: float = 0.5) -> float:
     """Measured fp32 matmul FLOP/s (TF32 off) on a large square problem."""
     n = 4096 if device.type == "cuda" else 1024
@@ -174,7 +202,7 @@ def matmul_roofline(device: torch.device, seconds: float = 0.5) -> float:
 def run_bench(device: str = "auto", dataset: str = "fashion-mnist", data_dir: str | None = None,
               quick: bool = False, populations: tuple[int, ...] | None = None,
               models: tuple[str, ...] = tuple(BENCH_MODELS), seconds: float | None = None,
-              subset: int | None = None) -> dict:
+              subset: int | None = None, mixed: int | None = None) -> dict:
     """Time every way on every model; see the module docstring for the rows."""
     try:
         dev = default_device(device)
@@ -237,7 +265,12 @@ def run_bench(device: str = "auto", dataset: str = "fashion-mnist", data_dir: st
             "best_vs_seeds": max(r["vs_seeds"] for r in rows),
             "best_vs_eager": max(r["vs_eager"] for r in rows),
         })
+    # Mixed shapes: does padding into few groups beat exact shapes in many? (GPU default: 32 models)
+    if mixed is None:
+        mixed = 32 if dev.type == "cuda" else 0
+    grouping = [bench_grouping(data, mixed_configs(mixed), g) for g in GROUPINGS] if mixed else []
     return {
+        "grouping": grouping,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
         f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__, "dataset": data.name, "train_samples": n_train,
@@ -262,3 +295,11 @@ def print_bench(results: dict, console) -> None:
         console.print(table)
         console.print(f"{res['model']}: hpsearch trainer vs the seeds' way {res['hpsearch_vs_seeds']:.1f}x (one model); "
                       f"best row {res['best_vs_seeds']:.1f}x vs seeds, {res['best_vs_eager']:.2f}x vs eager")
+    if results.get("grouping"):
+        table = Table(title="mixed shapes from the default space (batch 256): padding vs grouping")
+        for col in ("grouping", "models", "groups", "useful FLOP share", "model-epochs/s"):
+            table.add_column(col, justify="left" if col == "grouping" else "right")
+        for g in results["grouping"]:
+            table.add_row(g["grouping"], str(g["models"]), str(g["groups"]), f"{g['useful_flop_share']:.0%}",
+                          f"{g['model_epochs_per_s']:.3f}")
+        console.print(table)

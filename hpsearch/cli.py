@@ -166,6 +166,7 @@ def run(
     population: str = typer.Option("auto", help="Trials trained at once as one batched computation (K or auto: 1 on CPU, 32 on GPU)."),
     val_fraction: float = typer.Option(0.1, help="Share of the training file held out for validation."),
     precision: str = typer.Option("fp32", help="Matmul precision on a GPU: fp32, tf32 or bf16 (autocast; weights stay fp32)."),
+    grouping: str = typer.Option("auto", help="Which population members train as one computation: batch (pad shapes), width (pad within 2x), shape (exact), or auto (shape on CPU, batch on GPU)."),
     workers: str = typer.Option("auto", help="Worker processes sharing the study (N, or auto: one per GPU when "
                                              "there are several, else 1). --trials counts for all of them together."),
 ) -> None:
@@ -175,7 +176,7 @@ def run(
     settings = RunSettings(trials=trials, timeout=timeout, study=study, storage=storage, dataset=dataset,
                            data_dir=data_dir, space=space, epochs=epochs, subset=subset, device=device,
                            seed=seed, pruner=pruner, population=population, val_fraction=val_fraction,
-                           precision=precision)
+                           precision=precision, grouping=grouping)
     worker_index = os.environ.get("HPSEARCH_WORKER")
     if worker_index is not None and os.environ.get("HPSEARCH_PARENT_PID"):  # a child of --workers
         _watch_parent(int(os.environ["HPSEARCH_PARENT_PID"]))
@@ -226,6 +227,7 @@ def bench(
     models: str = typer.Option("3x128,4x512", help="Comma-separated bench models (3x128, 4x512)."),
     population: str = typer.Option("", help="Comma-separated population sizes K to time (default: 4 on CPU, 8,32,128 on GPU)."),
     subset: Optional[int] = typer.Option(None, help="Time on N training images instead of the whole split."),
+    mixed: Optional[int] = typer.Option(None, help="Also time N mixed-shape models under each grouping policy (default: 32 on GPU, off on CPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Measure training throughput: hpsearch's trainer against the seeds' DataLoader loop."""
@@ -238,7 +240,8 @@ def bench(
     if pops and min(pops) < 1:
         raise HPSearchError("--population sizes must be at least 1")
     results = run_bench(device=device, dataset=dataset, data_dir=data_dir, quick=quick, populations=pops,
-                        models=tuple(m.strip() for m in models.split(",") if m.strip()), subset=subset)
+                        models=tuple(m.strip() for m in models.split(",") if m.strip()), subset=subset,
+                        mixed=mixed)
     if as_json:
         print(json.dumps(results, indent=2))
     else:

@@ -45,6 +45,12 @@ OPTIMIZERS = ("adamw", "sgd")
 # inputs, fp32 accumulate). bf16: forward/backward matmuls under bfloat16 autocast; weights,
 # optimizer state and the loss stay fp32. GPU only: on a CPU they would only cost time.
 PRECISIONS = ("fp32", "tf32", "bf16")
+# Which members share one stacked computation (all need the same batch size):
+#   batch   pad widths to the widest member and pass through missing layers (fewest groups)
+#   width   also split by power-of-two width bucket (padding at most 2x, more groups)
+#   shape   exact depth and width (no padding at all, most groups)
+# Fewer groups mean fewer launches; padding means wasted FLOPs. `hpsearch bench` times all three.
+GROUPINGS = ("batch", "width", "shape")
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 _M32 = 0xFFFFFFFF
@@ -469,7 +475,11 @@ class PopulationTrainer:
     """
 
     def __init__(self, data: Dataset, dtype: torch.dtype = torch.float32,
-                 cuda_graphs: bool | None = None, divergence_loss: float = 1e4, precision: str = "fp32"):
+                 cuda_graphs: bool | None = None, divergence_loss: float = 1e4, precision: str = "fp32",
+                 grouping: str = "batch"):
+        if grouping not in GROUPINGS:
+            raise ValueError(f"unknown grouping {grouping!r}; choose one of {', '.join(GROUPINGS)}")
+        self.grouping = grouping
         self.data = data
         self.device = data.train_x.device
         self.dtype = dtype
@@ -505,9 +515,12 @@ class PopulationTrainer:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._members
 
-    @staticmethod
-    def _group_key(config: TrainConfig) -> tuple:
+    def _group_key(self, config: TrainConfig) -> tuple:
         # A 1-layer model has no hidden layer to pad through, so it never shares a group.
+        if self.grouping == "shape":
+            return (config.batch_size, config.num_layers, config.layer_size)
+        if self.grouping == "width":
+            return (config.batch_size, config.num_layers == 1, (config.layer_size - 1).bit_length())
         return (config.batch_size, config.num_layers == 1)
 
     def add(self, key: Hashable, config: TrainConfig) -> None:

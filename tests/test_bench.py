@@ -30,3 +30,12 @@ def test_bench_rejects_bad_options(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "hpsearch", "bench", "--models", "9x9"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode != 0 and "unknown bench model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_times_mixed_shapes_under_each_grouping(fashion_dir):
+    res = run_bench(device="cpu", models=(), populations=(), seconds=0.2, subset=1000, mixed=3)
+    rows = {g["grouping"]: g for g in res["grouping"]}
+    assert set(rows) == {"batch", "width", "shape"}
+    assert rows["batch"]["groups"] == 1 and rows["shape"]["groups"] == 3
+    assert rows["shape"]["useful_flop_share"] == 1.0 and rows["batch"]["useful_flop_share"] < 1.0
+    assert all(g["model_epochs_per_s"] > 0 for g in rows.values())

@@ -77,3 +77,26 @@ def test_removed_member_leaves_others_untouched(fashion_small):
     assert set(second) == {"tanh-4x100-sgd-drop", "sigmoid-3x48-adamw-drop"}
     solo = train_one(configs["sigmoid-3x48-adamw-drop"], fashion_small, dtype=torch.float64).history
     assert second["sigmoid-3x48-adamw-drop"].val_loss == pytest.approx(solo[1].val_loss, rel=1e-9)
+
+
+def test_grouping_policies_train_members_identically(fashion_small):
+    """Padding into few groups or training exact shapes apart: the same numbers for every member."""
+    from hpsearch.train import GROUPINGS
+
+    configs = {k: c for k, c in MIXED.items() if c.batch_size == 128}
+    results = {}
+    for grouping in GROUPINGS:
+        trainer = PopulationTrainer(fashion_small, dtype=torch.float64, grouping=grouping)
+        for key, config in configs.items():
+            trainer.add(key, config)
+        trainer._rebuild()
+        groups = len(trainer._groups)
+        out = {}
+        while len(trainer):
+            for r in trainer.run_epoch():
+                out.setdefault(r.key, []).append(r.val_loss)
+        results[grouping] = (groups, out)
+    assert [results[g][0] for g in GROUPINGS] == [2, 3, 4]  # the 1-layer model never shares a group
+    for grouping in GROUPINGS[1:]:
+        for key in configs:
+            assert results[grouping][1][key] == pytest.approx(results["batch"][1][key], rel=1e-9), (grouping, key)

@@ -8,8 +8,9 @@ from hpsearch.search import RunSettings, run_study
 
 def test_population_search_fills_prunes_and_refills(tmp_path, fashion_dir):
     storage = f"sqlite:///{tmp_path}/pop.db"
+    # grouping "batch" is the GPU default (auto on a CPU trains exact shapes apart)
     summary = run_study(RunSettings(trials=10, epochs=4, subset=2000, storage=storage, study="pop",
-                                    device="cpu", population=4, pruner="median", seed=3))
+                                    device="cpu", population=4, pruner="median", seed=3, grouping="batch"))
     assert summary.population == 4 and summary.trials_run == 10
     study = optuna.load_study(study_name="pop", storage=storage)
     trials = study.trials
@@ -39,3 +40,13 @@ def test_gpu_precision_on_cpu_is_refused_before_the_study_is_touched(tmp_path, f
     with pytest.raises(HPSearchError, match="needs a CUDA device"):
         run_study(RunSettings(trials=1, epochs=1, subset=500, storage=storage, device="cpu", precision="tf32"))
     assert not (tmp_path / "p.db").exists()
+
+
+def test_grouping_auto_depends_on_the_device():
+    import torch
+
+    from hpsearch.search import resolve_grouping
+
+    assert resolve_grouping("auto", torch.device("cpu")) == "shape"
+    assert resolve_grouping("auto", torch.device("cuda")) == "batch"
+    assert resolve_grouping("width", torch.device("cpu")) == "width"
