@@ -695,11 +695,16 @@ def _finished_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def _state_counts(study: optuna.Study) -> dict[str, int]:
-    counts = {s.name: 0 for s in TrialState}
+def _state_counts(study: optuna.Study) -> dict:
+    """Trials per state, "finished" (complete + pruned) and "best" (value or None): one storage read."""
+    counts: dict = {s.name: 0 for s in TrialState}
+    best = None
     for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
         counts[t.state.name] += 1
+        if t.state == TrialState.COMPLETE and t.value is not None and (best is None or t.value > best):
+            best = t.value
     counts["finished"] = counts["COMPLETE"] + counts["PRUNED"]
+    counts["best"] = best
     return counts
 
 
@@ -904,7 +909,7 @@ def run_study(settings: RunSettings, reporter: Reporter | None = None) -> RunSum
                     reporter.trial_finished(
                         TrialOutcome(trial.number, state.name, result.val_acc, result.epoch,
                                      sum(at.epoch_seconds) / len(at.epoch_seconds), trial.params, reason),
-                        _best_value(study), counts["finished"])
+                        counts["best"], counts["finished"])
                 clock["storage"] += time.perf_counter() - t1
     except BaseException as exc:
         interrupted = isinstance(exc, (KeyboardInterrupt, Interrupted))
@@ -993,11 +998,6 @@ def _record(trial: optuna.Trial, at: _ActiveTrial, epochs: int, data: Dataset, d
 def _best_trial(study: optuna.Study):
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return max(complete, key=lambda t: t.value) if complete else None
-
-
-def _best_value(study: optuna.Study) -> float | None:
-    best = _best_trial(study)
-    return best.value if best else None
 
 
 # ----------------------------------------------------------------------------------------------
