@@ -26,7 +26,8 @@ _LAZY = {
     "load_model": "checkpoint",
     "EpochResult": "train", "PopulationTrainer": "train", "TrainConfig": "train", "TrainResult": "train",
     "train_one": "train",
-    "RunSettings": "search", "run_study": "search",
+    "RunSettings": "config", "run_study": "search", "run_workers": "workers",
+    "write_report": "report",
 }
 
 __all__ = ["DataError", "HPSearchError", "SpaceError", *_LAZY]

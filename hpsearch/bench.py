@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from .data import Dataset, load_dataset
-from .errors import HPSearchError
+from .errors import HPSearchError, as_user_error
 from .models import NeuralNetwork
-from .train import GROUPINGS, PopulationTrainer, TrainConfig, default_device
+from .config import GROUPINGS, resolve_device
+from .train import PopulationTrainer, TrainConfig
 
 # Two fixed MLPs: a small one like the seeds' hand-tuned models (where per-step overhead rules), and
 # the 4x512 of the speed issue (where arithmetic starts to matter).
@@ -199,72 +200,89 @@ def matmul_roofline(device: torch.device, seconds: float = 0.5) -> float:
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
+@dataclass
+class _BenchRun:
+    """What every model's rows share: the data, the device and the measurement budget."""
+
+    data: Dataset
+    device: torch.device
+    raw: np.ndarray  # uint8 images, as the seeds' loop reads them through PIL
+    raw_labels: np.ndarray
+    seconds: float
+    epochs: int
+    populations: tuple[int, ...]
+    flops: float  # measured matmul rate
+
+
+def _model_rows(run: _BenchRun, shape: dict) -> list[dict]:
+    """Every way of training one model shape, timed in turn."""
+    data, n_train, rows = run.data, len(run.data.train_y), []
+
+    def add(name: str, what: str, t: _Timer, k: int = 1) -> None:
+        sps = t.samples / t.seconds
+        rows.append({"name": name, "what": what, "models": k, "samples_per_s": sps,
+                     "model_epochs_per_s": sps / n_train, "seconds": t.seconds})
+
+    add("seeds", f"DataLoader + per-sample ToTensor, batch {SEEDS_BATCH}",
+        bench_seeds(data, shape, run.raw, run.raw_labels, run.seconds))
+    add("eager", f"device tensors, nn.Module + AdamW, batch {EAGER_BATCH}",
+        bench_eager(data, shape, run.seconds, EAGER_BATCH))
+    fast = "CUDA graph" if run.device.type == "cuda" else "eager on CPU"
+    add("hpsearch", f"hpsearch trainer, 1 model ({fast}), batch {EAGER_BATCH}",
+        bench_trainer(data, shape, 1, run.epochs, EAGER_BATCH))
+    add("hpsearch-big", f"hpsearch trainer, 1 model ({fast}), batch {BIG_BATCH}",
+        bench_trainer(data, shape, 1, run.epochs, BIG_BATCH))
+    for k in run.populations:
+        add(f"pop-{k}", f"hpsearch trainer, {k} models at once, batch {FAST_BATCH}",
+            bench_trainer(data, shape, k, run.epochs, FAST_BATCH), k)
+    if run.device.type == "cuda":
+        k = max(run.populations)
+        for precision in ("tf32", "bf16"):
+            add(f"pop-{k}-{precision}", f"as pop-{k}, {precision} matmuls",
+                bench_trainer(data, shape, k, run.epochs, FAST_BATCH, precision), k)
+    base, eager = rows[0]["samples_per_s"], rows[1]["samples_per_s"]
+    for r in rows:
+        r["vs_seeds"] = r["samples_per_s"] / base
+        r["vs_eager"] = r["samples_per_s"] / eager
+    return rows
+
+
+def _model_result(run: _BenchRun, model_name: str) -> dict:
+    shape = BENCH_MODELS[model_name]
+    rows = _model_rows(run, shape)
+    base = rows[0]["samples_per_s"]
+    per_sample = model_flops_per_sample(run.data, shape)
+    return {
+        "model": model_name, "shape": shape, "rows": rows,
+        "roofline_model_epochs_per_s": run.flops / per_sample / len(run.data.train_y),
+        "model_flops_per_sample": per_sample,
+        "hpsearch_vs_seeds": rows[2]["samples_per_s"] / base,
+        "best_vs_seeds": max(r["vs_seeds"] for r in rows),
+        "best_vs_eager": max(r["vs_eager"] for r in rows),
+    }
+
+
 def run_bench(device: str = "auto", dataset: str = "fashion-mnist", data_dir: str | None = None,
               quick: bool = False, populations: tuple[int, ...] | None = None,
               models: tuple[str, ...] = tuple(BENCH_MODELS), seconds: float | None = None,
               subset: int | None = None, mixed: int | None = None) -> dict:
     """Time every way on every model; see the module docstring for the rows."""
-    try:
-        dev = default_device(device)
-    except ValueError as exc:
-        raise HPSearchError(str(exc)) from None
+    with as_user_error():
+        dev = resolve_device(device)
     unknown = set(models) - set(BENCH_MODELS)
     if unknown:
         raise HPSearchError(f"unknown bench model {', '.join(sorted(unknown))}; choose from {', '.join(BENCH_MODELS)}")
     data = load_dataset(dataset, data_dir, dev, subset=subset)
-    n_train = len(data.train_y)
     # hpsearch's trainer flushes denormals on CPU; every row gets the same, so no row is slowed by them
     torch.set_flush_denormal(True)
     # The seeds' loop reads raw uint8 images through PIL, as torchvision's MNIST dataset does.
     raw = data.train_x.view(-1, *data.image_shape).mul(255).round().to(torch.uint8).cpu().numpy()
-    raw_labels = data.train_y.cpu().numpy()
-    if seconds is None:
-        seconds = 2.0 if quick else 6.0
-    epochs = 1 if quick or dev.type == "cpu" else 3
-    if populations is None:
-        populations = (8, 32, 128) if dev.type == "cuda" else (4,)
-    flops = matmul_roofline(dev)
-
-    results = []
-    for model_name in models:
-        shape = BENCH_MODELS[model_name]
-        rows = []
-
-        def add(name: str, what: str, t: _Timer, k: int = 1) -> None:
-            sps = t.samples / t.seconds
-            rows.append({"name": name, "what": what, "models": k, "samples_per_s": sps,
-                         "model_epochs_per_s": sps / n_train, "seconds": t.seconds})
-
-        add("seeds", f"DataLoader + per-sample ToTensor, batch {SEEDS_BATCH}",
-            bench_seeds(data, shape, raw, raw_labels, seconds))
-        add("eager", f"device tensors, nn.Module + AdamW, batch {EAGER_BATCH}",
-            bench_eager(data, shape, seconds, EAGER_BATCH))
-        fast = "CUDA graph" if dev.type == "cuda" else "eager on CPU"
-        add("hpsearch", f"hpsearch trainer, 1 model ({fast}), batch {EAGER_BATCH}",
-            bench_trainer(data, shape, 1, epochs, EAGER_BATCH))
-        add("hpsearch-big", f"hpsearch trainer, 1 model ({fast}), batch {BIG_BATCH}",
-            bench_trainer(data, shape, 1, epochs, BIG_BATCH))
-        for k in populations:
-            add(f"pop-{k}", f"hpsearch trainer, {k} models at once, batch {FAST_BATCH}",
-                bench_trainer(data, shape, k, epochs, FAST_BATCH), k)
-        if dev.type == "cuda":
-            k = max(populations)
-            for precision in ("tf32", "bf16"):
-                add(f"pop-{k}-{precision}", f"as pop-{k}, {precision} matmuls",
-                    bench_trainer(data, shape, k, epochs, FAST_BATCH, precision), k)
-        base, eager = rows[0]["samples_per_s"], rows[1]["samples_per_s"]
-        for r in rows:
-            r["vs_seeds"] = r["samples_per_s"] / base
-            r["vs_eager"] = r["samples_per_s"] / eager
-        per_sample = model_flops_per_sample(data, shape)
-        results.append({
-            "model": model_name, "shape": shape, "rows": rows,
-            "roofline_model_epochs_per_s": flops / per_sample / n_train,
-            "model_flops_per_sample": per_sample,
-            "hpsearch_vs_seeds": rows[2]["samples_per_s"] / base,
-            "best_vs_seeds": max(r["vs_seeds"] for r in rows),
-            "best_vs_eager": max(r["vs_eager"] for r in rows),
-        })
+    run = _BenchRun(data, dev, raw, data.train_y.cpu().numpy(),
+                    seconds=seconds if seconds is not None else (2.0 if quick else 6.0),
+                    epochs=1 if quick or dev.type == "cpu" else 3,
+                    populations=populations or ((8, 32, 128) if dev.type == "cuda" else (4,)),
+                    flops=matmul_roofline(dev))
+    results = [_model_result(run, name) for name in models]
     # Mixed shapes: does padding into few groups beat exact shapes in many? (GPU default: 32 models)
     if mixed is None:
         mixed = 32 if dev.type == "cuda" else 0
@@ -273,8 +291,8 @@ def run_bench(device: str = "auto", dataset: str = "fashion-mnist", data_dir: st
         "grouping": grouping,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
         f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "dataset": data.name, "train_samples": n_train,
-        "matmul_flops": flops, "models": results,
+        "torch": torch.__version__, "dataset": data.name, "train_samples": len(data.train_y),
+        "matmul_flops": run.flops, "models": results,
     }
 
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import HPSearchError
+from .errors import HPSearchError, first_line
 from .models import ModelSpec, NeuralNetwork
 
 FORMAT = "hpsearch-checkpoint"
@@ -100,11 +100,6 @@ def write_checkpoint_dict(ckpt: dict, path: str | os.PathLike) -> None:
         torch.save(ckpt, f)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
-
-
 def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load and validate a checkpoint dict (weights only; never unpickles code)."""
     path = Path(path)
@@ -127,10 +122,10 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         if "weights_only" in str(exc) or "Weights only load failed" in str(exc):
             raise HPSearchError(f"{path} is not an hpsearch checkpoint: it holds Python objects that "
                                 f"would run code to load (refused; only weights_only files are read)") from None
-        raise HPSearchError(f"{path} is not an hpsearch checkpoint ({_first_line(exc)})") from None
+        raise HPSearchError(f"{path} is not an hpsearch checkpoint ({first_line(exc, 160)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError,
             TypeError, IndexError) as exc:
-        raise HPSearchError(f"{path} is not an hpsearch checkpoint ({_first_line(exc)})") from None
+        raise HPSearchError(f"{path} is not an hpsearch checkpoint ({first_line(exc, 160)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise HPSearchError(f"{path} is not an hpsearch checkpoint (no \"format\": \"{FORMAT}\" entry; "
                             f"make one with `hpsearch report` or hpsearch.checkpoint.save_checkpoint)")
@@ -152,7 +147,7 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> NeuralNetwo
         model = NeuralNetwork.from_spec(spec)
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
-        raise HPSearchError(f"{source} is a damaged hpsearch checkpoint: {_first_line(exc)}") from None
+        raise HPSearchError(f"{source} is a damaged hpsearch checkpoint: {first_line(exc, 160)}") from None
     if len(ckpt["classes"]) != spec.num_classes:
         raise HPSearchError(f"{source} is a damaged hpsearch checkpoint: {len(ckpt['classes'])} class names "
                             f"for {spec.num_classes} outputs")

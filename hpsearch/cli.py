@@ -18,7 +18,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from .errors import HPSearchError, Interrupted
+from .config import DEFAULT_STORAGE, DEFAULT_STUDY
+from .errors import HPSearchError, Interrupted, first_line
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -34,12 +35,14 @@ STORAGE_HELP = "Optuna storage URL (sqlite:///path.db, postgresql://..., journal
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
     _DEBUG["on"] = debug
-    import optuna
+    from .config import set_cli_debug
 
-    optuna.logging.set_verbosity(optuna.logging.INFO if debug else optuna.logging.WARNING)
+    set_cli_debug(debug)  # hpsearch.study configures Optuna's logging from it when first imported
+    if "hpsearch.study" in sys.modules:  # already imported (in-process callers): configure it now
+        from .study.logs import configure_optuna_logging
+
+        configure_optuna_logging(debug)
     if not debug:
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        warnings.filterwarnings("ignore", module="optuna")
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
@@ -51,7 +54,7 @@ class RichReporter:
         self.task = None
 
     def start(self, settings, data, already, population):
-        from .search import redact
+        from .study import redact
 
         console.print(
             f"[bold]study[/] {settings.study}  [bold]storage[/] {redact(settings.storage)}  "
@@ -153,8 +156,8 @@ def _watch_parent(parent_pid: int) -> None:
 def run(
     trials: int = typer.Option(20, "--trials", "-n", help="Finished trials the study should hold (re-running continues up to this)."),
     timeout: Optional[float] = typer.Option(None, help="Stop asking for trials after this many seconds."),
-    study: str = typer.Option("hpsearch", help="Study name."),
-    storage: str = typer.Option("sqlite:///studies/hpsearch.db", help=STORAGE_HELP),
+    study: str = typer.Option(DEFAULT_STUDY, help="Study name."),
+    storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
     dataset: str = typer.Option("fashion-mnist", help="mnist, fashion-mnist, kmnist or idx (a directory of IDX files)."),
     data_dir: Optional[str] = typer.Option(None, help="Directory with the four IDX files (raw or .gz), or where to download."),
     space: Optional[str] = typer.Option(None, help="Search-space TOML (default studies/mlp.toml, else the packaged one)."),
@@ -171,17 +174,14 @@ def run(
                                              "there are several, else 1). --trials counts for all of them together."),
 ) -> None:
     """Search: sample, train and prune trials into an Optuna study (resumable; safe to run in parallel)."""
-    from .search import RunSettings, resolve_workers, run_study, run_workers
+    from .config import RunSettings, resolve_workers
+    from .search import run_study
+    from .workers import run_workers
 
     settings = RunSettings(trials=trials, timeout=timeout, study=study, storage=storage, dataset=dataset,
                            data_dir=data_dir, space=space, epochs=epochs, subset=subset, device=device,
                            seed=seed, pruner=pruner, population=population, val_fraction=val_fraction,
                            precision=precision, grouping=grouping)
-    worker_index = os.environ.get("HPSEARCH_WORKER")
-    if worker_index is not None and os.environ.get("HPSEARCH_PARENT_PID"):  # a child of --workers
-        _watch_parent(int(os.environ["HPSEARCH_PARENT_PID"]))
-        run_study(settings, WorkerReporter(worker_index))
-        return
     n = resolve_workers(workers, device)
     if n == 1:
         run_study(settings, RichReporter())
@@ -192,13 +192,25 @@ def run(
         raise typer.Exit(code)
 
 
+@app.command(hidden=True)
+def worker(settings_json: str = typer.Argument(..., help="RunSettings as JSON (see hpsearch.workers).")) -> None:
+    """One worker of `hpsearch run --workers N` (started by the parent, not by hand)."""
+    from .config import RunSettings
+    from .search import run_study
+
+    parent = os.environ.get("HPSEARCH_PARENT_PID")
+    if parent:
+        _watch_parent(int(parent))
+    run_study(RunSettings.from_json(settings_json), WorkerReporter(os.environ.get("HPSEARCH_WORKER", "?")))
+
+
 @app.command()
 def studies(
-    storage: str = typer.Option("sqlite:///studies/hpsearch.db", help=STORAGE_HELP),
+    storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """List the studies in a storage with trial counts and best values."""
-    from .search import list_studies
+    from .study import list_studies
 
     if storage.startswith("sqlite:///") and not os.path.exists(storage[len("sqlite:///"):]):
         raise HPSearchError(f"no study database at {storage[len('sqlite:///'):]}; run `hpsearch run` first")
@@ -251,7 +263,7 @@ def bench(
 @app.command()
 def report(
     study: Optional[str] = typer.Option(None, help="Study name (default: the storage's only study, else 'hpsearch')."),
-    storage: str = typer.Option("sqlite:///studies/hpsearch.db", help=STORAGE_HELP),
+    storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
     out: Optional[str] = typer.Option(None, help="Output folder (default results/<study>/)."),
     retrain: bool = typer.Option(True, "--retrain/--no-retrain",
                                  help="Retrain the best trial on the training split and evaluate it once on the test split."),
@@ -293,7 +305,7 @@ def export(
     fmt: str = typer.Option("onnx", "--format", help="pt (a checked copy of the checkpoint), torchscript or onnx."),
     out: str = typer.Option(..., help="File to write."),
     study: Optional[str] = typer.Option(None, help="Take the checkpoint of this study's best trial (made by `hpsearch report`)."),
-    storage: str = typer.Option("sqlite:///studies/hpsearch.db", help=STORAGE_HELP),
+    storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
 ) -> None:
     """Export a checkpoint as TorchScript or ONNX: float images [N, 1, 28, 28] in [0, 1] -> logits."""
     from .export import export_model
@@ -307,7 +319,7 @@ def predict(
     images: list[str] = typer.Argument(..., help="Image files (PNG, JPEG, ...; any size or mode)."),
     checkpoint: Optional[str] = typer.Option(None, help="An hpsearch checkpoint (best_model.pt)."),
     study: Optional[str] = typer.Option(None, help="Use the checkpoint of this study's best trial."),
-    storage: str = typer.Option("sqlite:///studies/hpsearch.db", help=STORAGE_HELP),
+    storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
     invert: bool = typer.Option(False, "--invert", help="Dark ink on a light background (scans): invert first."),
     resize: str = typer.Option("auto", help="Images not 28x28: mnist (fit 20x20, centre of mass), fit (longer side 28) or auto (by dataset)."),
     top: int = typer.Option(3, help="Classes listed per image in --json output."),
@@ -326,7 +338,7 @@ def predict(
 
 @app.command()
 def dashboard(
-    storage: str = typer.Option("sqlite:///studies/hpsearch.db", help=STORAGE_HELP),
+    storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
     port: int = typer.Option(8080, help="Port to listen on."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
     artifact_dir: Optional[str] = typer.Option(None, help="Artifact store folder (default: artifacts/ beside the database)."),
@@ -385,7 +397,7 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - a bug: one line here, the traceback with --debug
         if _DEBUG["on"]:
             raise
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        text = first_line(exc, 300) if str(exc).strip() else ""
         err_console.print(f"[red]error:[/] unexpected {type(exc).__name__}{escape(': ' + text) if text else ''} "
                           f"(rerun with --debug for the traceback)", soft_wrap=True, highlight=False)
         sys.exit(1)

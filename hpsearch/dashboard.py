@@ -15,7 +15,7 @@ from typing import Callable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from .errors import HPSearchError, Interrupted
-from .report import artifact_dir, open_existing_storage, redact
+from .study import artifact_dir, dashboard_app, redact
 
 
 class _ThreadedServer(ThreadingMixIn, WSGIServer):
@@ -30,21 +30,10 @@ class _QuietHandler(WSGIRequestHandler):
 def make_dashboard_server(storage: str, host: str = "127.0.0.1", port: int = 8080,
                           artifacts: str | Path | None = None) -> tuple[WSGIServer, Path]:
     """A ready (not yet serving) optuna-dashboard server and its artifact directory."""
-    try:
-        import optuna_dashboard
-    except ImportError:
-        raise HPSearchError("hpsearch dashboard needs optuna-dashboard: pip install 'hpsearch[dashboard]'") from None
-    from optuna.artifacts import FileSystemArtifactStore
-
     if not 0 <= port <= 65535:
         raise HPSearchError(f"--port must be between 0 and 65535, got {port}")
-    st = open_existing_storage(storage)
     store_dir = Path(artifacts) if artifacts is not None else artifact_dir(storage)
-    try:
-        store_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise HPSearchError(f"cannot create the artifact directory {store_dir}: {exc.strerror or exc}") from None
-    app = optuna_dashboard.wsgi(st, artifact_store=FileSystemArtifactStore(store_dir))
+    app = dashboard_app(storage, store_dir)  # imports optuna-dashboard: only `hpsearch.study` talks to Optuna
     server_class = _ThreadedServer
     if ":" in host:  # an IPv6 address such as ::1
         server_class = type("_ThreadedServer6", (_ThreadedServer,), {"address_family": socket.AF_INET6})

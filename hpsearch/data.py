@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import DataError
+from .config import DATASET_NAMES
+from .errors import DataError, first_line
 
 # name -> (torchvision class name, class labels)
 DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -33,7 +34,7 @@ DATASETS: dict[str, tuple[str, tuple[str, ...]]] = {
     "kmnist": ("KMNIST", ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
     "idx": ("", ()),
 }
-DATASET_NAMES = tuple(DATASETS)
+assert tuple(DATASETS) == DATASET_NAMES  # the torch-free list that config.py validates --dataset with
 
 IDX_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -137,9 +138,9 @@ def _download(name: str, root: Path) -> Path:
                 directory.rmdir()
             except OSError:
                 pass
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc, 160)
         raise DataError(
-            f"{name} was not found locally and could not be downloaded ({reason[:160]}). "
+            f"{name} was not found locally and could not be downloaded ({reason}). "
             f"Fix: pass --data-dir DIR holding the four IDX files"
             + (", or `apt-get install dataset-fashion-mnist`" if name == "fashion-mnist" else "")
             + ", or run once with network access"

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_write, image_shape_of, load_checkpoint, write_checkpoint_dict
-from .errors import HPSearchError
+from .errors import HPSearchError, first_line
 
 FORMATS = ("pt", "torchscript", "onnx")
 RESIZE_MODES = ("auto", "mnist", "fit")
@@ -98,7 +98,7 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str, metad
             try:
                 import onnxscript  # noqa: F401
             except ImportError:
-                raise HPSearchError(f"ONNX export failed ({str(legacy_exc).strip().splitlines()[0][:160]}); "
+                raise HPSearchError(f"ONNX export failed ({first_line(legacy_exc, 160)}); "
                                     f"installing onnxscript enables torch's other exporter") from None
             torch.onnx.export(model, (example,), path, dynamo=True, input_names=["images"],
                               output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},),
@@ -145,8 +145,7 @@ def _to_gray(path: Path) -> np.ndarray:
     except Image.DecompressionBombError:
         raise HPSearchError(f"{path} is too large to be read safely as an image") from None
     except (OSError, SyntaxError, ValueError, TypeError) as exc:
-        msg = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise HPSearchError(f"{path} is not a readable image ({msg})") from None
+        raise HPSearchError(f"{path} is not a readable image ({first_line(exc, 160)})") from None
 
 
 def _resize(a: np.ndarray, height: int, width: int) -> np.ndarray:

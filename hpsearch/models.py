@@ -8,10 +8,10 @@ so a saved model takes raw float images in [0, 1] shaped [N, 1, H, W] and return
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-
 import torch
 from torch import nn
+
+from .specs import ACTIVATION_NAMES, ModelSpec
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -20,47 +20,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "leaky_relu": nn.LeakyReLU,  # negative slope 0.01, PyTorch's default
 }
 LEAKY_SLOPE = 0.01
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to rebuild a network; JSON-able so checkpoints never pickle code."""
-
-    num_layers: int = 3
-    layer_size: int = 128
-    activation: str = "relu"
-    dropout: float = 0.0
-    in_features: int = 784
-    num_classes: int = 10
-    mean: float = 0.0  # input normalization, taken from the training split
-    std: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
-        if self.layer_size < 1:
-            raise ValueError(f"layer_size must be >= 1, got {self.layer_size}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATIONS)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    @property
-    def widths(self) -> list[int]:
-        """Feature counts from input to output: len == num_layers + 1."""
-        return [self.in_features] + [self.layer_size] * (self.num_layers - 1) + [self.num_classes]
-
-    def param_count(self) -> int:
-        w = self.widths
-        return sum(a * b + b for a, b in zip(w[:-1], w[1:]))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES  # the torch-free names in specs.py name these modules
 
 
 class Normalize(nn.Module):

@@ -1,6 +1,7 @@
 """Search spaces as data: a TOML file declares each sampled parameter and its range.
 
-This module only parses and validates; `search.py` turns a `Space` into Optuna distributions.
+This module only parses and validates (without importing torch); `study/session.py` turns a
+`Space` into Optuna's suggestions.
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import SpaceError
-from .models import ACTIVATIONS
-from .train import OPTIMIZERS
+from .specs import ACTIVATION_NAMES, OPTIMIZERS
 
 DEFAULT_SPACE_PATH = Path("studies/mlp.toml")
 
@@ -21,7 +21,7 @@ DEFAULT_SPACE_PATH = Path("studies/mlp.toml")
 _RULES: dict[str, tuple[type, object]] = {
     "num_layers": (int, lambda v: 1 <= v <= 32),
     "layer_size": (int, lambda v: 1 <= v <= 16384),
-    "activation": (str, set(ACTIVATIONS)),
+    "activation": (str, set(ACTIVATION_NAMES)),
     "dropout": (float, lambda v: 0.0 <= v < 1.0),
     "optimizer": (str, set(OPTIMIZERS)),
     "lr": (float, lambda v: 0.0 < v <= 10.0),

@@ -27,69 +27,27 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable, Hashable, Iterable
 
 import torch
 import torch.nn.functional as F
 
 from .data import Dataset
-from .models import LEAKY_SLOPE, ModelSpec, NeuralNetwork
+from .config import GROUPINGS, PRECISIONS
+from .models import LEAKY_SLOPE, NeuralNetwork
+from .specs import OPTIMIZERS, ModelSpec, TrainConfig
+
+__all__ = ["EpochResult", "OPTIMIZERS", "PopulationTrainer", "TrainConfig", "TrainResult", "TRAINER_VERSION",
+           "member_model", "permutations", "train_one"]
 
 # Bump when a change alters the numbers a given config and seed train to (init, shuffling,
 # dropout streams, optimizer arithmetic): recorded per trial, so a report can tell why a retrained
 # best model no longer reproduces a study's value.
 TRAINER_VERSION = 2
-OPTIMIZERS = ("adamw", "sgd")
-# fp32: exact float32 matmuls. tf32: TensorFloat-32 matmuls on Ampere+ GPUs (10-bit mantissa
-# inputs, fp32 accumulate). bf16: forward/backward matmuls under bfloat16 autocast; weights,
-# optimizer state and the loss stay fp32. GPU only: on a CPU they would only cost time.
-PRECISIONS = ("fp32", "tf32", "bf16")
-# Which members share one stacked computation (all need the same batch size):
-#   batch   pad widths to the widest member and pass through missing layers (fewest groups)
-#   width   also split by power-of-two width bucket (padding at most 2x, more groups)
-#   shape   exact depth and width (no padding at all, most groups)
-# Fewer groups mean fewer launches; padding means wasted FLOPs. `hpsearch bench` times all three.
-GROUPINGS = ("batch", "width", "shape")
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 _M32 = 0xFFFFFFFF
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """One trial: the model's shape and how to train it."""
-
-    num_layers: int = 3
-    layer_size: int = 128
-    activation: str = "relu"
-    dropout: float = 0.0
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    momentum: float = 0.9  # SGD only
-    epochs: int = 20
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.batch_size < 1 or self.epochs < 1:
-            raise ValueError(f"invalid training config {self}")
-        ModelSpec(self.num_layers, self.layer_size, self.activation, self.dropout)  # validates
-
-    @classmethod
-    def from_params(cls, params: dict, **overrides) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in {**params, **overrides}.items() if k in names})
-
-    def model_spec(self, data: Dataset) -> ModelSpec:
-        return ModelSpec(self.num_layers, self.layer_size, self.activation, self.dropout,
-                         data.in_features, data.num_classes, data.mean, data.std)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -175,79 +133,87 @@ class _Group:
         self.data, self.train_x = data, train_x
         self.device, self.dtype = device, dtype
         self.batch_size = members[0].config.batch_size
-        K = len(members)
-        L = max(m.spec.num_layers for m in members)
-        H = max(m.spec.layer_size for m in members)
-        self.K, self.L, self.H = K, L, H
-        widths = [data.in_features] + [H] * (L - 1) + [data.num_classes]
-        self.widths = widths
-        fp = dict(device=device, dtype=dtype)
+        self.K = len(members)
+        self.L = max(m.spec.num_layers for m in members)
+        self.H = max(m.spec.layer_size for m in members)
+        self.widths = [data.in_features] + [self.H] * (self.L - 1) + [data.num_classes]
+        self._init_parameters()
+        self._init_structure()
+        self._init_hyperparameters()
+        self._init_epoch_buffers()
+        self.use_graphs = use_graphs
+        self.graph: torch.cuda.CUDAGraph | None = None
 
-        def per_member(values: Iterable[float], dtype=dtype) -> torch.Tensor:
-            return torch.tensor(list(values), device=device, dtype=dtype).view(K, 1, 1)
+    def _per_member(self, values: Iterable[float], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A [K, 1, 1] tensor of one value per member, broadcasting against [K, rows, units]."""
+        return torch.tensor(list(values), device=self.device, dtype=dtype or self.dtype).view(self.K, 1, 1)
 
-        # Parameters, optimizer state
-        self.W = [torch.zeros(K, a, b, **fp) for a, b in zip(widths[:-1], widths[1:])]
-        self.b = [torch.zeros(K, 1, b, **fp) for b in widths[1:]]
+    def _init_parameters(self) -> None:
+        """Stacked, zero-padded weights and optimizer state, filled with each member's own."""
+        fp = dict(device=self.device, dtype=self.dtype)
+        widths = self.widths
+        self.W = [torch.zeros(self.K, a, b, **fp) for a, b in zip(widths[:-1], widths[1:])]
+        self.b = [torch.zeros(self.K, 1, b, **fp) for b in widths[1:]]
         self.params = self.W + self.b
         self.m = [torch.zeros_like(p) for p in self.params]  # Adam m, or SGD momentum buffer
         self.v = [torch.zeros_like(p) for p in self.params]
-        for k, member in enumerate(members):
+        for k, member in enumerate(self.members):
             self._load_member(k, member)
         for p in self.params:
             p.requires_grad_(True)
 
-        # Structure: unit masks for padded widths, pass-through flags for missing layers
+    def _init_structure(self) -> None:
+        """Unit masks for padded widths, pass-through flags for missing layers, activations."""
+        members, H = self.members, self.H
         self.padded_width = any(m.spec.layer_size != H for m in members)
-        self.unit_mask = torch.zeros(K, 1, H, **fp)
+        self.unit_mask = torch.zeros(self.K, 1, H, device=self.device, dtype=self.dtype)
         for k, member in enumerate(members):
             self.unit_mask[k, :, : member.spec.layer_size] = 1
         # hidden layer l (1 <= l <= L-2) is real for a member with num_layers > l + 1
-        self.layer_active = [per_member((m.spec.num_layers > l + 1 for m in members), torch.bool)
-                             for l in range(L - 1)]
-        self.any_passthrough = any(m.spec.num_layers != L for m in members)
-
+        self.layer_active = [self._per_member((m.spec.num_layers > l + 1 for m in members), torch.bool)
+                             for l in range(self.L - 1)]
+        self.any_passthrough = any(m.spec.num_layers != self.L for m in members)
         acts = [m.config.activation for m in members]
         self.activation = acts[0] if len(set(acts)) == 1 else None
         # Mixed activations in one form: sigmoidal -> a * sigmoid(c * z) + d  (tanh = 2s(2z) - 1),
         # otherwise leaky relu with a per-member slope (relu: slope 0).
-        self.act_sigmoidal = per_member((a in ("sigmoid", "tanh") for a in acts), torch.bool)
-        self.act_scale = per_member(2.0 if a == "tanh" else 1.0 for a in acts)
-        self.act_shift = per_member(-1.0 if a == "tanh" else 0.0 for a in acts)
-        self.act_slope = per_member(LEAKY_SLOPE if a == "leaky_relu" else 0.0 for a in acts)
+        self.act_sigmoidal = self._per_member((a in ("sigmoid", "tanh") for a in acts), torch.bool)
+        self.act_scale = self._per_member(2.0 if a == "tanh" else 1.0 for a in acts)
+        self.act_shift = self._per_member(-1.0 if a == "tanh" else 0.0 for a in acts)
+        self.act_slope = self._per_member(LEAKY_SLOPE if a == "leaky_relu" else 0.0 for a in acts)
 
-        cfgs = [m.config for m in members]
-        self.lr = per_member(c.lr for c in cfgs)
-        self.wd = per_member(c.weight_decay for c in cfgs)
+    def _init_hyperparameters(self) -> None:
+        cfgs = [m.config for m in self.members]
+        self.lr = self._per_member(c.lr for c in cfgs)
+        self.wd = self._per_member(c.weight_decay for c in cfgs)
         self.decay = 1 - self.lr * self.wd  # AdamW's decoupled weight decay factor
-        self.momentum = per_member(c.momentum for c in cfgs)
-        self.is_adam = per_member((c.optimizer == "adamw" for c in cfgs), torch.bool)
+        self.momentum = self._per_member(c.momentum for c in cfgs)
+        self.is_adam = self._per_member((c.optimizer == "adamw" for c in cfgs), torch.bool)
         self.opts = {c.optimizer for c in cfgs}
-        self.dropout = per_member(c.dropout for c in cfgs)
+        self.dropout = self._per_member(c.dropout for c in cfgs)
         self.any_dropout = any(c.dropout > 0 for c in cfgs)
-        self.seed32 = torch.tensor([_seed_mix(c.seed, 3) for c in cfgs], device=device).view(K, 1, 1)
-        self.step_count = torch.tensor([float(m.steps) for m in members], **fp).view(K, 1, 1)
+        self.seed32 = torch.tensor([_seed_mix(c.seed, 3) for c in cfgs], device=self.device).view(self.K, 1, 1)
+        self.step_count = self._per_member(float(m.steps) for m in self.members)
 
-        # Per-epoch inputs, updated in place (static addresses for CUDA graphs)
+    def _init_epoch_buffers(self) -> None:
+        """Per-epoch inputs, updated in place (static addresses for CUDA graphs)."""
+        fp = dict(device=self.device, dtype=self.dtype)
         n = len(self.data.train_y)
         self.steps_per_epoch = math.ceil(n / self.batch_size)
         S, B = self.steps_per_epoch, self.batch_size
-        self.perm = torch.zeros(K, S, B, dtype=torch.long, device=device)
+        self.perm = torch.zeros(self.K, S, B, dtype=torch.long, device=self.device)
         last = n - (S - 1) * B
         row_w = torch.full((S, B), 1.0 / B, **fp)
         row_w[-1] = 0
         row_w[-1, :last] = 1.0 / last  # the last partial batch is averaged over its own size
         self.row_weight = row_w
-        self.row_real = (row_w > 0).to(dtype)  # padding rows of the last batch count for nothing
+        self.row_real = (row_w > 0).to(self.dtype)  # padding rows of the last batch count for nothing
         self.rows_per_step = self.row_real.sum(1)  # [S]
-        self.row_ids = torch.arange(B, device=device).view(1, B, 1)
-        self.unit_ids = torch.arange(H, device=device).view(1, 1, H)
-        self.step_index = torch.zeros(1, dtype=torch.long, device=device)
-        self.loss_sum = torch.zeros(K, **fp)
-        self.correct_sum = torch.zeros(K, **fp)
-
-        self.use_graphs = use_graphs
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.row_ids = torch.arange(B, device=self.device).view(1, B, 1)
+        self.unit_ids = torch.arange(self.H, device=self.device).view(1, 1, self.H)
+        self.step_index = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.loss_sum = torch.zeros(self.K, **fp)
+        self.correct_sum = torch.zeros(self.K, **fp)
 
     # -- moving member state in and out of the stacked tensors --------------------------------
 
@@ -455,15 +421,6 @@ def member_model(member: _Member) -> NeuralNetwork:
 
 
 # ----------------------------------------------------------------------------------------------
-
-
-def default_device(requested: str = "auto") -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is available")
-    return device
 
 
 class PopulationTrainer:

@@ -290,7 +290,7 @@ def test_study_names_cannot_leave_results_and_dashboard_is_local(world, capsys):
 
     from hpsearch import cli as cli_mod
     from hpsearch.dashboard import make_dashboard_server
-    from hpsearch.search import check_study_name
+    from hpsearch.config import check_study_name
 
     for name in ("../x", "..", "a/b", "/etc", ".git", "a\\..\\b", "x\n", " ", "c:evil"):
         with pytest.raises(HPSearchError):

@@ -182,7 +182,8 @@ def test_interrupts_mark_failed_and_the_next_run_continues(setup, tmp_path):
 def test_ask_stays_exact_when_two_workers_race(tmp_path, monkeypatch):
     """Where asking is not serialized (a server database), two workers can both see N-1 and ask:
     the higher-numbered trial gives itself up, and a queued retry it had taken is queued again."""
-    from hpsearch.search import StudyLock, _ask, enqueue_retry
+    from hpsearch.study import StudyLock, enqueue_retry
+    from hpsearch.study.session import _ask
 
     url = f"sqlite:///{tmp_path}/race.db"
     study = optuna.create_study(study_name="race", storage=url, direction="maximize")
@@ -223,7 +224,7 @@ def test_dead_workers_trials_are_failed_and_queued(tmp_path, kind):
     """RDB storages use Optuna's heartbeat table, journal files a system attribute; on both, a trial
     whose heartbeat stopped, or that never got one, is failed after the grace period and its
     params queued; a trial with a live heartbeat is left alone."""
-    from hpsearch.search import Heartbeat, Liveness, StudyLock, open_storage, recover_trials
+    from hpsearch.study import Heartbeat, Liveness, StudyLock, open_storage, recover_trials
 
     url = f"sqlite:///{tmp_path}/h.db" if kind == "sqlite" else f"journal:{tmp_path}/h.log"
     live = Liveness(interval=1, grace=2, max_retry=3)
@@ -252,7 +253,7 @@ def test_dead_workers_trials_are_failed_and_queued(tmp_path, kind):
 
 
 def test_retries_are_bounded(tmp_path):
-    from hpsearch.search import enqueue_retry
+    from hpsearch.study import enqueue_retry
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path}/b.db", direction="maximize")
     trial = _ask_one(study)

@@ -45,7 +45,7 @@ def test_gpu_precision_on_cpu_is_refused_before_the_study_is_touched(tmp_path, f
 def test_grouping_auto_depends_on_the_device():
     import torch
 
-    from hpsearch.search import resolve_grouping
+    from hpsearch.config import resolve_grouping
 
     assert resolve_grouping("auto", torch.device("cpu")) == "shape"
     assert resolve_grouping("auto", torch.device("cuda")) == "batch"

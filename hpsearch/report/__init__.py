@@ -1,0 +1,42 @@
+"""`hpsearch report`: a study's storage in, one self-contained results folder out.
+
+Everything comes from the storage (study and trial user attributes, intermediate values), so a
+report can be made while the study is still running, or on a study another machine ran. With
+`retrain` (the default) the best configuration is retrained from scratch on the study's training
+split (same data, same seed: the same model the trial trained, bit for bit on the CPU), then
+evaluated once on the test split, and saved as a checkpoint.
+
+    results/<study>/
+      index.html          one page, opens offline (plotly.js embedded once), links everything
+      charts/*.html       each chart alone (+ charts/plotly.min.js beside them, for offline use)
+      trials.csv          one row per trial: params, state, value, duration, user attrs
+      summary.json        the study at a glance: settings, trial counts, best trial, importances
+      best.json           best params, validation and test accuracy, per-class P/R/F1, versions
+      best_model.pt       the retrained model: state_dict + spec (torch.load(weights_only=True))
+
+The checkpoint is also stored as an Optuna artifact of the study (a file-system artifact store
+beside the database), so optuna-dashboard lists it. Finished trials cannot take new attributes
+in Optuna, so the artifact belongs to the study and is named `best_model_trial<N>.pt`.
+
+This package never imports Optuna: it reads the study through `hpsearch.study.view` (plain
+`TrialRow`s and dicts) and draws Optuna's own charts through `hpsearch.study.charts`.
+
+    build.py     write_report: the steps, in order
+    retrain.py   retrain the best configuration, evaluate it once on the test split, best.json
+    figures.py   hpsearch's own figures (learning curves, size, confusion matrix, galleries)
+    html.py      index.html
+"""
+
+from ..study.charts import IMPORTANCE_EVALUATORS
+from ..study.storage import artifact_dir
+from ..study.view import ARTIFACT_PREFIX, CHECKPOINT_NAME, find_study_checkpoint, store_artifact
+from .build import study_charts, write_report
+from .figures import Chart
+from .html import render_index
+from .retrain import Evaluation, Retrained, evaluate, retrain_best, versions
+
+__all__ = [
+    "ARTIFACT_PREFIX", "CHECKPOINT_NAME", "Chart", "Evaluation", "IMPORTANCE_EVALUATORS", "Retrained",
+    "artifact_dir", "evaluate", "find_study_checkpoint", "render_index", "retrain_best", "store_artifact",
+    "study_charts", "versions", "write_report",
+]

@@ -1,0 +1,151 @@
+"""`write_report`: read the study, draw its charts, retrain the best model, write the folder.
+
+Each step is one short function, called in the order the files appear; a chart that cannot be
+drawn yet becomes a note on the page instead of an error.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from ..checkpoint import atomic_write
+from ..config import DEFAULT_STORAGE, check_study_name
+from ..errors import HPSearchError, first_line
+from ..study import charts as optuna_charts
+from ..study.charts import IMPORTANCE_EVALUATORS
+from ..study.view import CHECKPOINT_NAME, Log, StudyView, open_view, study_summary, trials_frame
+from .figures import Chart, learning_curves_figure, size_figure
+from .html import render_index
+from .retrain import Retrained, retrain_best
+
+
+def _add_chart(charts: list[Chart], log: Log, name: str, title: str, make: Callable, note: str = "") -> None:
+    """Draw one chart; one that cannot be drawn yet becomes a note (and a log line), not an error."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fig = make()
+        if fig is None:
+            charts.append(Chart(name, title, None, "not available: no trial has the data for it yet"))
+            return
+        if not fig.layout.title.text:
+            fig.update_layout(title=title)
+        charts.append(Chart(name, title, fig, note))
+    except HPSearchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a chart that cannot be drawn yet must not sink the report
+        log(f"chart {name}: not available ({first_line(exc)})")
+        charts.append(Chart(name, title, None, f"not available: {first_line(exc)}"))
+
+
+def _importances(view: StudyView, evaluator, complete: int, log: Log) -> dict:
+    if complete < 2:
+        return {}
+    try:
+        return optuna_charts.param_importances(view, evaluator)
+    except HPSearchError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        log(f"parameter importance: not available ({first_line(exc)})")
+        return {}
+
+
+def _importance_chart(charts: list[Chart], log: Log, view: StudyView, evaluator, label: str,
+                      importances: dict, complete: int) -> None:
+    if importances:
+        _add_chart(charts, log, "importance", f"Hyperparameter importance: {label}",
+                   lambda: optuna_charts.importance_figure(view, evaluator, label),
+                   f"Evaluator: {label}, over {complete} complete trials.")
+    else:
+        charts.append(Chart("importance", "Hyperparameter importance", None,
+                            f"not available: needs at least 2 complete trials with varied parameters "
+                            f"({complete} complete)"))
+
+
+def study_charts(view: StudyView, importance: str, log: Log) -> tuple[list[Chart], dict, str]:
+    """The study's charts, the parameter importances and the evaluator's description."""
+    charts: list[Chart] = []
+    evaluator, label = optuna_charts.importance_evaluator(importance)
+    complete = sum(t.state == "COMPLETE" for t in view.trials)
+    importances = _importances(view, evaluator, complete, log)
+    params = list(importances) or list(view.best.params)
+    top = params[:4]
+    add = functools.partial(_add_chart, charts, log)  # the charts below, in page order
+    _importance_chart(charts, log, view, evaluator, label, importances, complete)
+    add("history", "Optimization history", lambda: optuna_charts.history_figure(view))
+    add("intermediate", "Learning curves of all trials", lambda: learning_curves_figure(view.trials, view.best),
+        "Validation accuracy after every epoch, as reported to the pruner. Pruned trials are dotted and end in an x.")
+    add("parallel", "Parallel coordinates", lambda: optuna_charts.parallel_figure(view, params))
+    add("slice", f"Slice plot of the top parameters ({', '.join(top)})", lambda: optuna_charts.slice_figure(view, top))
+    if len(params) >= 2:
+        add("contour", f"Contour of the top parameters ({', '.join(params[:3])})",
+            lambda: optuna_charts.contour_figure(view, params[:3]))
+    else:
+        charts.append(Chart("contour", "Contour of the top parameters", None, "not available: needs two parameters"))
+    add("size", "Validation accuracy against parameter count", lambda: size_figure(view.trials, view.best))
+    add("timeline", "Timeline of trials", lambda: optuna_charts.timeline_figure(view))
+    return charts, importances, label
+
+
+def _out_dir(out: str | os.PathLike | None, study: str) -> Path:
+    out_dir = Path(out) if out is not None else Path("results") / study
+    try:
+        (out_dir / "charts").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HPSearchError(f"cannot write the report to {out_dir}: {exc.strerror or exc}") from None
+    return out_dir
+
+
+def _write_best(out_dir: Path, retrained: Retrained) -> list[str]:
+    text = json.dumps(retrained.best_json, indent=2, default=str)
+    atomic_write(out_dir / "best.json", lambda tmp: Path(tmp).write_text(text + "\n"))
+    return ["best.json", CHECKPOINT_NAME]
+
+
+def _write_charts(out_dir: Path, charts: list[Chart]) -> list[str]:
+    """charts/<name>.html for every drawn chart, with plotly.min.js beside them (offline)."""
+    files = []
+    for chart in charts:
+        if chart.fig is not None:
+            chart.fig.write_html(out_dir / "charts" / f"{chart.name}.html", include_plotlyjs="directory",
+                                 full_html=True, config={"displaylogo": False})
+            files.append(f"charts/{chart.name}.html")
+    return files
+
+
+def write_report(study: str | None = None, storage: str = DEFAULT_STORAGE, out: str | os.PathLike | None = None,
+                 retrain: bool = True, importance: str = "ped-anova", device: str = "cpu",
+                 data_dir: str | None = None, artifact: bool = True, log: Log | None = None) -> Path:
+    """Write the report folder of a study; returns the path of its index.html."""
+    log = log or (lambda msg: None)
+    if study is not None:
+        check_study_name(study)
+    if importance not in IMPORTANCE_EVALUATORS:
+        raise HPSearchError(f"unknown importance evaluator {importance!r}; choose one of {', '.join(IMPORTANCE_EVALUATORS)}")
+    view = open_view(storage, study)
+    out_dir = _out_dir(out, view.name)
+    summary = study_summary(view)
+    with optuna_charts.quiet_optuna():
+        charts, importances, evaluator_label = study_charts(view, importance, log)
+    summary["importance"] = {"evaluator": evaluator_label, "values": importances}
+
+    trials_frame(view).to_csv(out_dir / "trials.csv", index=False)
+    files = ["trials.csv"]
+    retrained = None
+    if retrain:
+        retrained = retrain_best(view, out_dir, device, data_dir, log, artifact)
+        charts += retrained.charts
+        files += _write_best(out_dir, retrained)
+    files += _write_charts(out_dir, charts)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    files.insert(0, "summary.json")
+    page = render_index(summary, charts, importances, evaluator_label,
+                        retrained.best_json if retrained is not None else None, files)
+    index = out_dir / "index.html"
+    atomic_write(index, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    return index

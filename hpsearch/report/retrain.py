@@ -1,0 +1,221 @@
+"""Retrain a study's best configuration, evaluate it once on the test split, save it.
+
+The best configuration is retrained from scratch on the study's training split (same data, same
+seed: the same model the trial trained, bit for bit on the CPU), evaluated once on the test split
+on the CPU in float32 (exactly what `load_model` gives), and saved as `best_model.pt`; `best.json`
+describes it.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import __version__
+from ..checkpoint import save_checkpoint
+from ..config import resolve_device
+from ..data import Dataset, load_dataset
+from ..errors import HPSearchError, as_user_error, first_line
+from ..specs import TrainConfig
+from ..study import OPTUNA_VERSION
+from ..study.schema import StudyAttr, TrialAttr
+from ..study.storage import redact
+from ..study.view import CHECKPOINT_NAME, Log, StudyView, file_sha256, store_artifact
+from ..train import EpochResult, TrainResult, train_one
+from .figures import Chart, retrain_charts
+
+
+@dataclass
+class Evaluation:
+    """A model's one pass over a labelled split."""
+
+    accuracy: float
+    loss: float
+    correct: int
+    total: int
+    predictions: torch.Tensor  # [N] int64, CPU
+    probabilities: torch.Tensor  # [N] probability of the predicted class, CPU
+    confusion: np.ndarray  # [C, C] rows true, columns predicted
+    per_class: list[dict] = field(default_factory=list)
+
+
+def _per_class(cm: np.ndarray, classes) -> list[dict]:
+    """Precision, recall, F1 and support of each class from a confusion matrix (rows true)."""
+    per_class = []
+    for c in range(len(classes)):
+        tp = int(cm[c, c])
+        predicted = int(cm[:, c].sum())
+        support = int(cm[c, :].sum())
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class.append({"class": classes[c], "precision": precision, "recall": recall, "f1": f1,
+                          "support": support})
+    return per_class
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, classes, image_shape=(28, 28)) -> Evaluation:
+    """Accuracy, loss, confusion matrix and per-class precision/recall/F1 on (x, y), in one batch."""
+    model.eval()
+    device = next(model.parameters()).device
+    logits = model(x.to(device).reshape(len(x), 1, *image_shape)).float()
+    y = y.to(device)
+    loss = float(F.cross_entropy(logits, y))
+    probs = logits.softmax(-1)
+    conf, pred = probs.max(-1)
+    correct = int((pred == y).sum())
+    C = len(classes)
+    cm = torch.bincount(y * C + pred, minlength=C * C).reshape(C, C).cpu().numpy()
+    return Evaluation(correct / len(y), loss, correct, len(y), pred.cpu(), conf.cpu(), cm, _per_class(cm, classes))
+
+
+def retrain_config(view: StudyView) -> TrainConfig:
+    """The best trial's configuration; for a study made by other code, its params + the study's budget."""
+    best = view.best
+    config = best.config
+    if config is None:
+        config = {**best.params, "epochs": view.attrs.get(StudyAttr.EPOCHS, 20),
+                  "seed": best.attrs.get(TrialAttr.SEED, view.attrs.get(StudyAttr.SEED, 0))}
+    try:
+        return TrainConfig.from_params(config)
+    except (TypeError, ValueError) as exc:
+        raise HPSearchError(f"trial {best.number}'s configuration cannot be retrained: {first_line(exc)}") from None
+
+
+def retrain_data(view: StudyView, device: torch.device, data_dir: str | None, log: Log) -> Dataset:
+    """The study's dataset and splits; its data directory if it is here, else the usual places."""
+    attrs = view.attrs
+    if StudyAttr.DATASET not in attrs:
+        raise HPSearchError(f"study {view.name!r} does not say which dataset it used (no {StudyAttr.DATASET!r} "
+                            f"user attribute); report it with --no-retrain")
+    dataset = attrs[StudyAttr.DATASET]
+    if data_dir is None:
+        data_dir = attrs.get(StudyAttr.DATA_DIR)
+        if data_dir and not Path(data_dir).is_dir() and dataset != "idx":
+            log(f"the study's data directory {data_dir} is not here; looking for {dataset} in the usual places")
+            data_dir = None
+    return load_dataset(dataset, data_dir, device, attrs.get(StudyAttr.VAL_FRACTION, 0.1),
+                        attrs.get(StudyAttr.SUBSET), attrs.get(StudyAttr.SEED, 0))
+
+
+def versions() -> dict:
+    import pandas
+    import plotly
+
+    return {"hpsearch": __version__, "torch": torch.__version__, "optuna": OPTUNA_VERSION,
+            "numpy": np.__version__, "pandas": pandas.__version__, "plotly": plotly.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+@dataclass
+class Retrained:
+    """The retrained best model: how it trained, its test evaluation, its files and charts."""
+
+    config: TrainConfig
+    data: Dataset
+    history: list[EpochResult]
+    evaluation: Evaluation
+    seconds: float
+    checkpoint: Path
+    best_json: dict
+    charts: list[Chart]
+
+
+@dataclass
+class _Run:
+    """One retraining: what `best.json` and the checkpoint's metadata are made of."""
+
+    view: StudyView
+    config: TrainConfig
+    data: Dataset
+    device: torch.device
+    result: TrainResult
+    model: torch.nn.Module  # on the CPU, float32, eval mode
+    evaluation: Evaluation
+    seconds: float
+    note: str = ""
+
+
+def _train(view: StudyView, device: str, data_dir: str | None, log: Log) -> _Run:
+    with as_user_error():
+        dev = resolve_device(device)
+    config = retrain_config(view)
+    data = retrain_data(view, dev, data_dir, log)
+    log(f"retraining trial {view.best.number} ({config.num_layers}x{config.layer_size} {config.activation}, "
+        f"{config.optimizer}) for {config.epochs} epochs on {len(data.train_y)} training images ({dev})")
+    start = time.perf_counter()
+    result = train_one(config, data)
+    seconds = time.perf_counter() - start
+    # Evaluated on the CPU in float32 whatever the training device: exactly what `load_model` gives.
+    model = result.model.cpu().float().eval()
+    ev = evaluate(model, data.test_x.cpu(), data.test_y.cpu(), data.classes, data.image_shape)
+    note = ("trained from scratch on the study's training split (validation held out, as in the study), "
+            f"for the trial's budget of {config.epochs} epochs; evaluated once on the test split")
+    if result.stopped:
+        note += f"; training stopped early: {result.stopped}"
+    return _Run(view, config, data, dev, result, model, ev, seconds, note)
+
+
+def _checkpoint_meta(run: _Run) -> dict:
+    view, final = run.view, run.result.final
+    # no timestamp: the same model gives the same bytes, so a report run twice stores one artifact
+    return {
+        "study": view.name, "storage": redact(view.url), "trial": view.best.number, "params": view.best.params,
+        "config": run.config.to_dict(), "dataset": run.data.name, "dataset_info": run.data.describe(),
+        "subset": view.attrs.get(StudyAttr.SUBSET), "val_fraction": view.attrs.get(StudyAttr.VAL_FRACTION),
+        "split_seed": view.attrs.get(StudyAttr.SEED), "trained_on": "train",
+        "validation_accuracy": final.val_acc, "test_accuracy": run.evaluation.accuracy, "versions": versions(),
+    }
+
+
+def _reproduced(run: _Run) -> bool:
+    study_value = run.view.best.value
+    return study_value is not None and abs(run.result.final.val_acc - study_value) < 1e-6
+
+
+def _best_json(run: _Run, checkpoint: Path, artifact: dict | None) -> dict:
+    view, best, final, ev = run.view, run.view.best, run.result.final, run.evaluation
+    macro = {k: float(np.mean([c[k] for c in ev.per_class])) for k in ("precision", "recall", "f1")}
+    return {
+        "study": view.name, "storage": redact(view.url), "trial": best.number, "params": best.params,
+        "config": run.config.to_dict(), "seed": run.config.seed, "trained_on": "train", "training": run.note,
+        "epochs": len(run.result.history), "device": str(run.device), "retrain_seconds": run.seconds,
+        "study_validation_accuracy": best.value,
+        "validation_accuracy": final.val_acc, "validation_loss": final.val_loss,
+        "train_accuracy": final.train_acc, "train_loss": final.train_loss,
+        "reproduced_study_value": _reproduced(run),
+        "test_accuracy": ev.accuracy, "test_loss": ev.loss, "test_correct": ev.correct, "test_total": ev.total,
+        "per_class": ev.per_class, "macro_avg": macro, "confusion_matrix": ev.confusion.tolist(),
+        "classes": list(run.data.classes), "dataset_info": run.data.describe(),
+        "param_count": run.model.spec.param_count(),
+        "checkpoint": CHECKPOINT_NAME, "checkpoint_sha256": file_sha256(checkpoint), "artifact": artifact,
+        "versions": versions(), "study_versions": best.versions,
+        "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def retrain_best(view: StudyView, out: Path, device: str, data_dir: str | None, log: Log,
+                 artifact: bool = True) -> Retrained:
+    """Retrain, test and save the best trial's model in `out` (and as a study artifact)."""
+    run = _train(view, device, data_dir, log)
+    best = view.best
+    meta = _checkpoint_meta(run)
+    if best.value is not None and abs(run.result.final.val_acc - best.value) >= 1e-6:
+        log(f"note: the retrained model's validation accuracy {run.result.final.val_acc:.4f} differs from the "
+            f"trial's {best.value:.4f} (the trial ran on another device, in a population, or with other code); "
+            f"the test accuracy reported is the retrained model's")
+    ckpt_path = save_checkpoint(out / CHECKPOINT_NAME, run.model, classes=run.data.classes,
+                                image_shape=run.data.image_shape, meta=meta)
+    art = store_artifact(view.study, view.storage, view.url, ckpt_path, best.number, log) if artifact else None
+    best_json = _best_json(run, ckpt_path, art)
+    charts = retrain_charts(run.data, run.evaluation, run.result.history, best.number)
+    return Retrained(run.config, run.data, run.result.history, run.evaluation, run.seconds, ckpt_path,
+                     best_json, charts)

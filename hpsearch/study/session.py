@@ -1,0 +1,359 @@
+"""The run loop's door to Optuna: one worker's session on a study.
+
+`StudySession` turns the loop's few verbs into Optuna calls: `ask` a trial (its number and
+`TrainConfig`), `report` an epoch, `should_prune`, `finish` with a state and a `TrialRecord`,
+`abandon` what it holds when stopping, `recover` dead workers' trials, `counts` and `best`.
+
+`--trials N` is the number of finished (complete or pruned) trials the *study* should hold,
+whoever runs them. A worker asks only while finished + running < N, and checks after asking that
+its trial is among the first N live ones (so the count stays exact even where asking is not
+serialized). On SQLite and journal files the short critical sections (create the study, ask,
+fail dead trials) are serialized with the `StudyLock`, which the kernel releases when a worker
+dies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+
+from .. import __version__
+from ..config import RunSettings
+from ..errors import HPSearchError
+from ..space import Param, Space
+from ..specs import TrainConfig
+from .liveness import Heartbeat, Liveness, enqueue_retry, liveness_settings, recover_trials
+from .schema import FAILED_TRIAL, IDENTITY, RUNS, WORKER, StudyAttr, TrialAttr, TrialRecord
+from .storage import StudyLock, error_line, is_storage_error, open_storage, redact
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+
+
+class TrialTaken(Exception):
+    """Another worker saw no heartbeat for the grace period, failed this trial and queued it again."""
+
+
+@dataclass(frozen=True)
+class StudyCounts:
+    """Trials per state, and the best value so far (None before the first complete trial)."""
+
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    waiting: int = 0
+    best: float | None = None
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned
+
+
+@dataclass(frozen=True)
+class AskedTrial:
+    number: int
+    config: TrainConfig
+    params: dict  # the sampled values only (the space's fixed ones are in `config`)
+
+
+@dataclass(frozen=True)
+class BestTrial:
+    number: int
+    value: float
+    params: dict
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    if name == "median":
+        # Five full trials before pruning anyone, and never before the 2nd epoch (steps are
+        # 1-based epochs; MedianPruner may prune once step >= n_warmup_steps).
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
+    return optuna.pruners.NopPruner()
+
+
+def suggest(trial: optuna.Trial, param: Param):
+    """Sample one space parameter through Optuna's suggest API."""
+    if param.kind == "categorical":
+        return trial.suggest_categorical(param.name, list(param.choices))
+    if param.kind == "int":
+        return trial.suggest_int(param.name, int(param.low), int(param.high), log=param.log,
+                                 step=int(param.step) if param.step else 1)
+    return trial.suggest_float(param.name, param.low, param.high, log=param.log, step=param.step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Opening a study: create or load, and check that it measures what the settings say
+
+
+def _identity(settings: RunSettings, space: Space) -> dict:
+    return {key: space.to_dict() if key == StudyAttr.SPACE else getattr(settings, key) for key in IDENTITY}
+
+
+def _check_identity(settings: RunSettings, existing: dict, identity: dict) -> None:
+    for key in IDENTITY:
+        if existing.get(key) != identity[key]:
+            flag = "--space" if key == StudyAttr.SPACE else f"--{key.replace('_', '-')}"
+            raise HPSearchError(
+                f"study {settings.study!r} was created with {key} = {json.dumps(existing.get(key))[:80]}, "
+                f"not {json.dumps(identity[key])[:80]}; rerun with the same {flag} or pick a new --study")
+
+
+def _write_identity(study: optuna.Study, settings: RunSettings, identity: dict) -> None:
+    for key, value in identity.items():
+        study.set_user_attr(key, value)
+    study.set_user_attr(StudyAttr.DATA_DIR, settings.data_dir)
+    study.set_user_attr(StudyAttr.VERSION, __version__)
+    study.set_user_attr(StudyAttr.CREATED, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+def open_study(settings: RunSettings, space: Space, liveness: Liveness | None = None,
+               lock: StudyLock | None = None) -> optuna.Study:
+    """Create or load the study and check that it measures what `settings` say."""
+    lock = lock or StudyLock(settings.storage)
+    with lock:  # concurrent first runs on one file: one creates the tables, the study and its identity
+        storage = open_storage(settings.storage, liveness)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                study = optuna.create_study(study_name=settings.study, storage=storage,
+                                            pruner=make_pruner(settings.pruner, settings.epochs),
+                                            direction="maximize", load_if_exists=True)
+            identity = _identity(settings, space)
+            existing = study.user_attrs
+            # A study without trials measured nothing yet: it takes the new settings.
+            if StudyAttr.DATASET in existing and study._storage.get_n_trials(study._study_id) > 0:
+                _check_identity(settings, existing, identity)
+            else:
+                _write_identity(study, settings, identity)
+                if not lock.exclusive:  # two different commands racing on a server: one of them loses
+                    _check_identity(settings, study._storage.get_study_user_attrs(study._study_id), identity)
+        except HPSearchError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise HPSearchError(f"cannot open study {settings.study!r} in {redact(settings.storage)}: "
+                                f"{error_line(exc)}") from None
+    return study
+
+
+def _seed_sampler(study: optuna.Study, settings: RunSettings, lock: StudyLock) -> None:
+    """TPE seeded by (seed, how many runs this study has seen): a resumed run does not replay the
+    first run's samples, and workers started together do not sample the same points."""
+    with lock:
+        runs = study._storage.get_study_system_attrs(study._study_id).get(RUNS, 0)
+        study._storage.set_study_system_attr(study._study_id, RUNS, int(runs) + 1)
+    salt = 0 if lock.exclusive else os.getpid()  # a server: the run counter may race
+    study.sampler = optuna.samplers.TPESampler(
+        seed=(settings.seed * 1_000_003 + int(runs) + salt * 7919) % 2**32, multivariate=True, constant_liar=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Asking
+
+
+def _ask(study: optuna.Study, target: int, lock: StudyLock) -> optuna.Trial | None:
+    """A new (or queued) trial if the study still needs one, else None.
+
+    Asks only while finished + running < target, then checks that the new trial is among the first
+    `target` live trials by number. Under the file lock nobody can interleave, so the check never
+    fires; on a server database two workers may both ask for the last slot, and the higher number
+    gives its trial up (FAIL, stop_reason "surplus", its queued params queued again).
+    """
+    with lock:
+        live = study._storage.get_all_trials(study._study_id, deepcopy=False, states=LIVE)
+        if len(live) >= target:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with optimize"
+            trial = study.ask()
+        live = study._storage.get_all_trials(study._study_id, deepcopy=False, states=LIVE)
+        if sum(t.number < trial.number for t in live) < target:
+            return trial
+        _give_up_surplus(study, trial)
+        return None
+
+
+def _give_up_surplus(study: optuna.Study, trial: optuna.Trial) -> None:
+    frozen = study._storage.get_trial(trial._trial_id)
+    study._storage.set_trial_user_attr(trial._trial_id, TrialAttr.STOP_REASON, "surplus")
+    study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    if FAILED_TRIAL in frozen.system_attrs:  # a queued retry: put it back in the queue
+        requeue = optuna.trial.create_trial(
+            state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
+            user_attrs={k: v for k, v in frozen.user_attrs.items() if k != TrialAttr.STOP_REASON},
+            system_attrs=frozen.system_attrs)
+        study._storage.create_new_trial(study._study_id, template_trial=requeue)
+
+
+def _config_for(trial: optuna.Trial, space: Space, epochs: int, seed: int) -> TrainConfig:
+    params = {p.name: suggest(trial, p) for p in space.params}
+    # A retried trial trains with the seed of the trial it retries: same run, same result.
+    origin = trial.study._storage.get_trial_system_attrs(trial._trial_id).get(FAILED_TRIAL, trial.number)
+    trial_seed = (seed * 1_000_003 + int(origin)) % 2**31
+    return TrainConfig.from_params({**space.fixed, **params}, epochs=epochs, seed=trial_seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading counts
+
+
+def _counts(study: optuna.Study) -> StudyCounts:
+    """Trials per state and the best value: one storage read."""
+    n = {s: 0 for s in TrialState}
+    best = None
+    for t in study._storage.get_all_trials(study._study_id, deepcopy=False):
+        n[t.state] += 1
+        if t.state == TrialState.COMPLETE and t.value is not None and (best is None or t.value > best):
+            best = t.value
+    return StudyCounts(n[TrialState.COMPLETE], n[TrialState.PRUNED], n[TrialState.FAIL],
+                       n[TrialState.RUNNING], n[TrialState.WAITING], best)
+
+
+def _best(study: optuna.Study) -> BestTrial | None:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None
+    t = max(complete, key=lambda t: t.value)
+    return BestTrial(t.number, t.value, t.params)
+
+
+def read_outcome(storage_url: str, study_name: str) -> tuple[StudyCounts, BestTrial | None]:
+    """The counts and best trial of a study, e.g. after `--workers` children have exited."""
+    study = optuna.load_study(study_name=study_name, storage=open_storage(storage_url))
+    return _counts(study), _best(study)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+class StudySession:
+    """One worker's session: the trials it holds, their heartbeats, and the study's verbs.
+
+    Open it (creating the study or checking its identity), then use it as a context manager
+    while training: the heartbeat thread runs inside the `with`.
+    """
+
+    def __init__(self, settings: RunSettings, space: Space, liveness: Liveness | None = None):
+        self.settings, self.space = settings, space
+        self.liveness = liveness or liveness_settings()
+        self.lock = StudyLock(settings.storage)
+        self.study = open_study(settings, space, self.liveness, self.lock)
+        self._trials: dict[int, optuna.Trial] = {}  # asked by this worker, not yet finished
+        self._beats = Heartbeat(self.study, self.liveness.interval)
+        self._worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __enter__(self) -> "StudySession":
+        self._beats.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._beats.__exit__(*exc)
+
+    def begin(self, dataset_info: dict) -> None:
+        """Seed this run's sampler and record what the data looked like."""
+        _seed_sampler(self.study, self.settings, self.lock)
+        self.study.set_user_attr(StudyAttr.DATASET_INFO, dataset_info)
+
+    def ask(self) -> AskedTrial | None:
+        """The next trial (number, config, sampled params), or None when the study needs no more."""
+        trial = _ask(self.study, self.settings.trials, self.lock)
+        if trial is None:
+            return None
+        self._trials[trial.number] = trial
+        self._beats.add(trial._trial_id)
+        self.study._storage.set_trial_system_attr(trial._trial_id, WORKER, self._worker)
+        s = self.settings
+        config = _config_for(trial, self.space, s.epochs, s.seed)
+        return AskedTrial(trial.number, config, dict(trial.params))
+
+    def report(self, number: int, epoch: int, value: float) -> None:
+        with self._unless_taken(number):
+            self._trials[number].report(value, epoch)
+
+    def should_prune(self, number: int) -> bool:
+        with self._unless_taken(number):
+            return self._trials[number].should_prune()
+
+    def finish(self, number: int, state: str, value: float | None, record: TrialRecord) -> None:
+        """Record and tell a trial: state "COMPLETE" (with its value) or "PRUNED"."""
+        trial = self._trials[number]
+        with self._unless_taken(number):
+            for key, attr in record.to_attrs().items():
+                trial.set_user_attr(key, attr)
+            self.study.tell(trial, value if state == "COMPLETE" else None, state=TrialState[state])
+        self._release(number)
+
+    def _release(self, number: int) -> None:
+        trial = self._trials.pop(number)
+        self._beats.discard(trial._trial_id)
+
+    def _unless_taken(self, number: int) -> "_TakenGuard":
+        return _TakenGuard(self, number)
+
+    def abandon(self, reason: str, requeue: bool) -> tuple[list[int], list[int]]:
+        """Fail every trial this worker holds (stop_reason `reason`), queueing their parameters again
+        if `requeue`. Best effort: if the storage fails, the heartbeats stop and a later run
+        recovers the rest. Returns (failed trial numbers, queued ones)."""
+        lost, queued = [], []
+        storage = self.study._storage
+        for number, trial in list(self._trials.items()):
+            try:
+                storage.set_trial_user_attr(trial._trial_id, TrialAttr.STOP_REASON, reason)
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except (optuna.exceptions.UpdateFinishedTrialError, KeyError):
+                continue  # another worker already failed it (and queued it)
+            except BaseException:  # noqa: BLE001 - a dead storage, or a second Ctrl-C: stop cleaning up
+                break
+            lost.append(number)
+            try:
+                if requeue and enqueue_retry(self.study, storage.get_trial(trial._trial_id),
+                                             self.liveness.max_retry) is not None:
+                    queued.append(number)
+            except BaseException:  # noqa: BLE001
+                break
+        return lost, queued
+
+    def recover(self) -> list[tuple[int, int | None]]:
+        """Fail dead workers' trials and queue them again: (failed number, retry number or None)."""
+        return recover_trials(self.study, self.liveness, self.lock)
+
+    error_line = staticmethod(error_line)
+    is_storage_error = staticmethod(is_storage_error)
+
+    def counts(self) -> StudyCounts:
+        return _counts(self.study)
+
+    def best(self) -> BestTrial | None:
+        return _best(self.study)
+
+
+class _TakenGuard:
+    """Turns Optuna's "trial already finished" into `TrialTaken` when another worker failed it."""
+
+    def __init__(self, session: StudySession, number: int):
+        self.session, self.number = session, number
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if not isinstance(exc, (optuna.exceptions.UpdateFinishedTrialError, ValueError)):
+            return False
+        trial = self.session._trials[self.number]
+        try:
+            taken = self.session.study._storage.get_trial(trial._trial_id).state.is_finished()
+        except Exception:  # noqa: BLE001
+            taken = False
+        if not taken:
+            return False
+        self.session._release(self.number)
+        raise TrialTaken(self.number) from None

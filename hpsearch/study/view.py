@@ -1,0 +1,283 @@
+"""The read side of a study, for `report`, `studies`, `predict --study` and `dashboard`.
+
+Opens a storage that must already exist, picks the study (by name, or the storage's only one),
+finds the best complete trial, and hands the rest of hpsearch plain values: `TrialRow`s, a
+summary dict, a trials table. The checkpoint of the best trial is stored here as an Optuna
+artifact of the study (finished trials cannot take new attributes, so it belongs to the study and
+is named `best_model_trial<N>.pt`), and found here again for `predict --study`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ..config import DEFAULT_STORAGE, DEFAULT_STUDY
+from ..errors import HPSearchError, first_line
+from .schema import StudyAttr, TrialAttr, TrialRow
+from .storage import artifact_dir, open_existing_storage, open_storage, redact
+
+CHECKPOINT_NAME = "best_model.pt"  # the report's copy, in results/<study>/
+ARTIFACT_PREFIX = "best_model_trial"  # the study artifact: best_model_trial<N>.pt
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class StudyView:
+    """A study opened read-only: its attributes and trials as plain values, and its best trial.
+
+    `study` and `storage` are Optuna's handles, for `charts.py` and `store_artifact`; code outside
+    `hpsearch.study` passes them along without looking inside.
+    """
+
+    name: str
+    url: str
+    direction: str  # "maximize" or "minimize"
+    attrs: dict  # study user attributes (`StudyAttr` names)
+    trials: list[TrialRow]  # by number
+    best: TrialRow  # the best complete trial
+    study: object  # optuna.Study
+    storage: object  # optuna.storages.BaseStorage
+
+
+def trial_row(trial: FrozenTrial) -> TrialRow:
+    """hpsearch's copy of an Optuna trial."""
+    return TrialRow(number=trial.number, state=trial.state.name, value=trial.value, params=dict(trial.params),
+                    intermediate=dict(trial.intermediate_values), attrs=dict(trial.user_attrs),
+                    datetime_start=trial.datetime_start, datetime_complete=trial.datetime_complete)
+
+
+def open_view(url: str, name: str | None) -> StudyView:
+    """Open a study for reading (`name` None: the storage's only study, or the default one); one-line
+    errors for a missing storage or study and for a study without a complete trial."""
+    storage = open_existing_storage(url)
+    study = resolve_study(storage, url, name)
+    best = best_complete_trial(study)
+    return StudyView(name=study.study_name, url=url, direction=study.direction.name.lower(),
+                     attrs=dict(study.user_attrs), trials=[trial_row(t) for t in study.get_trials(deepcopy=False)],
+                     best=trial_row(best), study=study, storage=storage)
+
+
+def _study_names(storage: optuna.storages.BaseStorage, url: str) -> list[str]:
+    try:
+        return optuna.get_all_study_names(storage)
+    except Exception as exc:  # noqa: BLE001 - a file that is not an Optuna database, a dead server...
+        raise HPSearchError(f"cannot read studies from {redact(url)}: {first_line(exc)}") from None
+
+
+def _pick_study(names: list[str], url: str) -> str:
+    if len(names) == 1:
+        return names[0]
+    if DEFAULT_STUDY in names:
+        return DEFAULT_STUDY
+    if not names:
+        raise HPSearchError(f"{redact(url)} holds no studies; run `hpsearch run` first")
+    raise HPSearchError(f"{redact(url)} holds {len(names)} studies ({', '.join(sorted(names)[:10])}); "
+                        f"pick one with --study NAME")
+
+
+def resolve_study(storage: optuna.storages.BaseStorage, url: str, name: str | None) -> optuna.Study:
+    """Load a study by name; with no name, the storage's only study (or the default one)."""
+    names = _study_names(storage, url)
+    if name is None:
+        name = _pick_study(names, url)
+    if name not in names:
+        have = f"it holds: {', '.join(sorted(names)[:10])}" if names else "it holds no studies"
+        raise HPSearchError(f"no study {name!r} in {redact(url)} ({have})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        study = optuna.load_study(study_name=name, storage=storage)
+    if len(study.directions) != 1:
+        raise HPSearchError(f"study {name!r} has {len(study.directions)} objectives; hpsearch reports "
+                            f"single-objective studies only")
+    return study
+
+
+def best_complete_trial(study: optuna.Study) -> FrozenTrial:
+    """The best COMPLETE trial, or a one-line error saying why there is none."""
+    trials = study.get_trials(deepcopy=False)
+    name = study.study_name
+    if not trials:
+        raise HPSearchError(f"study {name!r} has no trials yet; run `hpsearch run --study {name}` first")
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+                and math.isfinite(t.value)]
+    if not complete:
+        counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+        if counts["fail"] == len(trials):
+            raise HPSearchError(f"study {name!r} has only failed trials ({len(trials)}); nothing to report. "
+                                f"Check the run's errors, then run the study again")
+        states = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+        raise HPSearchError(f"study {name!r} has no complete trial yet ({states}); "
+                            f"wait for one to finish or run more trials")
+    maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+    return (max if maximize else min)(complete, key=lambda t: t.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def list_studies(storage_url: str) -> list[dict]:
+    """One row per study in a storage: trial counts by state, best value, start time."""
+    storage = open_storage(storage_url)
+    rows = []
+    for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False):
+        trials = storage.get_all_trials(s._study_id, deepcopy=False)
+        states = {st.name: sum(t.state == st for t in trials) for st in TrialState}
+        complete = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        rows.append({
+            "study": s.study_name, "dataset": s.user_attrs.get(StudyAttr.DATASET), "trials": len(trials),
+            "complete": states["COMPLETE"], "pruned": states["PRUNED"], "failed": states["FAIL"],
+            "running": states["RUNNING"], "best": max(complete) if complete else None,
+            "started": s.datetime_start.isoformat(timespec="seconds") if s.datetime_start else None,
+        })
+    return rows
+
+
+def study_summary(view: StudyView) -> dict:
+    """The study at a glance (summary.json): settings, trial counts, best trial, compute time."""
+    trials, best, attrs = view.trials, view.best, view.attrs
+    durations = [d for d in (t.seconds for t in trials) if d is not None]
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    return {
+        "study": view.name,
+        "storage": redact(view.url),
+        "dataset": attrs.get(StudyAttr.DATASET),
+        "dataset_info": attrs.get(StudyAttr.DATASET_INFO),
+        "subset": attrs.get(StudyAttr.SUBSET),
+        "val_fraction": attrs.get(StudyAttr.VAL_FRACTION),
+        "epochs": attrs.get(StudyAttr.EPOCHS),
+        "seed": attrs.get(StudyAttr.SEED),
+        "created": attrs.get(StudyAttr.CREATED),
+        "direction": view.direction,
+        "trials": len(trials),
+        "states": {s.name.lower(): sum(t.state == s.name for t in trials) for s in TrialState},
+        "best_trial": best.number,
+        "best_value": best.value,
+        "best_params": best.params,
+        "trial_seconds_total": sum(durations),
+        "wall_seconds": (max(ends) - min(starts)).total_seconds() if starts and ends else None,
+        "devices": sorted({str(t.attrs[TrialAttr.DEVICE]) for t in trials if TrialAttr.DEVICE in t.attrs}),
+    }
+
+
+def _cell(value):
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=str)
+    return value
+
+
+def trials_frame(view: StudyView):
+    """One row per trial: number, state, value, times, params_*, user_attrs_* (nested as JSON)."""
+    df = view.study.trials_dataframe(attrs=("number", "state", "value", "datetime_start", "datetime_complete",
+                                            "duration", "params", "user_attrs"))
+    if "duration" in df:
+        df.insert(df.columns.get_loc("duration") + 1, "duration_s", df["duration"].dt.total_seconds())
+    for col in df.columns:
+        if df[col].dtype == object:
+            df[col] = df[col].map(_cell)
+    return df
+
+
+# ----------------------------------------------------------------------------------------------
+# Artifacts
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, read in blocks (artifacts are stored once per distinct content)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _existing_artifact(study, storage, store_dir: Path, filename: str, digest: str) -> str | None:
+    for meta in optuna.artifacts.get_all_artifact_meta(study, storage=storage):
+        existing = store_dir / meta.artifact_id
+        if meta.filename == filename and existing.is_file() and file_sha256(existing) == digest:
+            return meta.artifact_id
+    return None
+
+
+def _upload(study, storage, store_dir: Path, checkpoint: Path, filename: str) -> str:
+    store_dir.mkdir(parents=True, exist_ok=True)
+    # the artifact takes the name of the uploaded file: upload a copy named best_model_trial<N>.pt
+    with tempfile.TemporaryDirectory() as tmp:
+        named = Path(tmp) / filename
+        named.write_bytes(checkpoint.read_bytes())
+        return optuna.artifacts.upload_artifact(
+            artifact_store=optuna.artifacts.FileSystemArtifactStore(store_dir), file_path=str(named),
+            study_or_trial=study, storage=storage, mimetype="application/octet-stream")
+
+
+def store_artifact(study, storage, url: str, checkpoint: Path, trial_number: int, log: Log) -> dict | None:
+    """Upload the checkpoint as a study artifact (once per identical file); returns its description."""
+    store_dir = artifact_dir(url)
+    filename = f"{ARTIFACT_PREFIX}{trial_number}.pt"
+    digest = file_sha256(checkpoint)
+    try:
+        artifact_id = _existing_artifact(study, storage, store_dir, filename, digest)
+        if artifact_id is not None:
+            return {"artifact_id": artifact_id, "filename": filename, "store": str(store_dir), "reused": True}
+        artifact_id = _upload(study, storage, store_dir, checkpoint, filename)
+        return {"artifact_id": artifact_id, "filename": filename, "store": str(store_dir), "reused": False}
+    except Exception as exc:  # noqa: BLE001 - a read-only storage still gets its report
+        log(f"could not store the checkpoint as an Optuna artifact in {store_dir}: {first_line(exc)}")
+        return None
+
+
+def _checkpoint_trial(path: Path) -> int | None:
+    """The trial number a report's checkpoint says it was trained from."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True).get("meta", {}).get("trial")
+    except Exception:  # noqa: BLE001 - load_model will say what is wrong with it
+        return None
+
+
+def find_study_checkpoint(study_name: str | None, storage_url: str = DEFAULT_STORAGE,
+                          results_dir: str | os.PathLike = "results") -> Path:
+    """The checkpoint of the study's current best trial: its Optuna artifact, else the report's file."""
+    storage = open_existing_storage(storage_url)
+    study = resolve_study(storage, storage_url, study_name)
+    best = best_complete_trial(study)
+    wanted = f"{ARTIFACT_PREFIX}{best.number}.pt"
+    store_dir = artifact_dir(storage_url)
+    for meta in reversed(optuna.artifacts.get_all_artifact_meta(study, storage=storage)):
+        if meta.filename == wanted and (store_dir / meta.artifact_id).is_file():
+            return store_dir / meta.artifact_id
+    local = Path(results_dir) / study.study_name / CHECKPOINT_NAME
+    if local.is_file() and _checkpoint_trial(local) == best.number:
+        return local
+    raise HPSearchError(f"study {study.study_name!r} has no checkpoint of its best trial ({best.number}) yet; "
+                        f"run `hpsearch report --study {study.study_name}` first")
+
+
+def dashboard_app(storage_url: str, store_dir: Path):
+    """optuna-dashboard's WSGI app on an existing storage, serving artifacts from `store_dir`."""
+    try:
+        import optuna_dashboard
+    except ImportError:
+        raise HPSearchError("hpsearch dashboard needs optuna-dashboard: pip install 'hpsearch[dashboard]'") from None
+    from optuna.artifacts import FileSystemArtifactStore
+
+    storage = open_existing_storage(storage_url)
+    try:
+        store_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HPSearchError(f"cannot create the artifact directory {store_dir}: {exc.strerror or exc}") from None
+    return optuna_dashboard.wsgi(storage, artifact_store=FileSystemArtifactStore(store_dir))

@@ -1,0 +1,285 @@
+"""The run loop's decisions against a fake session and a fake trainer: no storage, no training.
+
+Each test fails when one decision changes: a pruned trial recorded as complete, a diverged one
+reported to the pruner, a timeout not cutting a trial short, a trial another worker took still
+being told, an interrupt not queuing the trials in training again, ...
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from hpsearch.config import RunSettings
+from hpsearch.errors import HPSearchError, Interrupted
+from hpsearch.search import Reporter, SearchLoop, Verdict, judge
+from hpsearch.specs import TrainConfig
+from hpsearch.study import AskedTrial, BestTrial, StudyCounts, TrialTaken
+from hpsearch.train import EpochResult
+
+
+class FakeSession:
+    """A study in memory: `target` trials; records what the loop tells it."""
+
+    def __init__(self, target: int, epochs: int = 4, prune_at: dict | None = None, taken: set | None = None,
+                 running_elsewhere: int = 0):
+        self.liveness = SimpleNamespace(interval=10, grace=90, max_retry=3)
+        self.target, self.epochs = target, epochs
+        self.prune_at = prune_at or {}  # trial number -> first epoch at which the pruner says stop
+        self.taken = taken or set()  # trials another worker has failed
+        self.running_elsewhere = running_elsewhere
+        self.open: dict[int, int] = {}  # trial -> last reported epoch
+        self.told: dict[int, tuple] = {}  # trial -> (state, value, record)
+        self.reports: list[tuple] = []
+        self.abandoned: tuple | None = None
+        self.next_number = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def begin(self, dataset_info):
+        pass
+
+    def ask(self):
+        if len(self.told) + len(self.open) + self.running_elsewhere >= self.target:
+            return None
+        n = self.next_number
+        self.next_number += 1
+        self.open[n] = 0
+        return AskedTrial(n, TrainConfig(epochs=self.epochs, seed=n), {"lr": 0.001 * (n + 1)})
+
+    def report(self, number, epoch, value):
+        if number in self.taken:
+            self.open.pop(number)
+            raise TrialTaken(number)
+        assert math.isfinite(value)
+        self.reports.append((number, epoch, value))
+        self.open[number] = epoch
+
+    def should_prune(self, number):
+        return self.open[number] >= self.prune_at.get(number, math.inf)
+
+    def finish(self, number, state, value, record):
+        self.told[number] = (state, value, record)
+        self.open.pop(number)
+
+    def abandon(self, reason, requeue):
+        lost = sorted(self.open)
+        self.abandoned = (reason, lost, lost if requeue else [])
+        return lost, (lost if requeue else [])
+
+    def recover(self):
+        return []
+
+    def counts(self):
+        states = [s for s, _, _ in self.told.values()]
+        values = [v for s, v, _ in self.told.values() if s == "COMPLETE"]
+        return StudyCounts(complete=states.count("COMPLETE"), pruned=states.count("PRUNED"),
+                           running=len(self.open) + self.running_elsewhere, best=max(values, default=None))
+
+    def best(self):
+        complete = [(v, n) for n, (s, v, _) in self.told.items() if s == "COMPLETE"]
+        if not complete:
+            return None
+        value, number = max(complete)
+        return BestTrial(number, value, {})
+
+    error_line = staticmethod(lambda exc: str(exc))
+    is_storage_error = staticmethod(lambda exc: isinstance(exc, OSError))
+
+
+class FakeTrainer:
+    """Members follow scripted validation accuracies; `curve(number, epoch)` gives one."""
+
+    def __init__(self, curve=lambda number, epoch: 0.5 + 0.01 * epoch, diverge: dict | None = None,
+                 fail_on_epoch: int | None = None, error: BaseException | None = None):
+        self.curve, self.diverge = curve, diverge or {}
+        self.members: dict[int, list] = {}  # number -> [config, epoch]
+        self.samples_trained = 0
+        self.epochs_run = 0
+        self.fail_on_epoch, self.error = fail_on_epoch, error
+
+    def add(self, key, config):
+        assert key not in self.members
+        self.members[key] = [config, 0]
+
+    def remove(self, key):
+        del self.members[key]
+
+    def __contains__(self, key):
+        return key in self.members
+
+    def run_epoch(self):
+        self.epochs_run += 1
+        if self.epochs_run == self.fail_on_epoch:
+            raise self.error
+        results = []
+        for key, member in list(self.members.items()):
+            member[1] += 1
+            config, epoch = member
+            diverged = f"non-finite loss at epoch {epoch}" if self.diverge.get(key) == epoch else None
+            val = float("nan") if diverged else self.curve(key, epoch)
+            finished = diverged is None and epoch >= config.epochs
+            results.append(EpochResult(key, epoch, 0.5, 0.8, 0.4, val, 1.0, len(self.members), finished, diverged))
+            self.samples_trained += 100
+            if finished or diverged:
+                self.remove(key)
+        return results
+
+
+class Recorder(Reporter):
+    def __init__(self):
+        self.notes, self.finished, self.messages = [], [], []
+
+    def note(self, message):
+        self.notes.append(message)
+
+    def trial_finished(self, outcome, best, done):
+        self.finished.append(outcome)
+
+    def interrupted(self, message):
+        self.messages.append(message)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+DATA = SimpleNamespace(num_classes=10, in_features=784, mean=0.0, std=1.0, train_y=list(range(100)),
+                       describe=lambda: {"train": 100})
+
+
+def make_loop(session, trainer, population=2, timeout=None, clock=None):
+    settings = RunSettings(trials=session.target, epochs=session.epochs, timeout=timeout, storage="sqlite:///x.db")
+    clock = clock or Clock()
+    reporter = Recorder()
+    loop = SearchLoop(settings, session, trainer, reporter, population=population, data=DATA, device="cpu:test",
+                      clock=clock, sleep=clock.sleep)
+    return loop, reporter
+
+
+def test_complete_and_pruned_trials_are_told_with_their_state_value_and_record():
+    session = FakeSession(target=3, epochs=4, prune_at={1: 2})
+    loop, reporter = make_loop(session, FakeTrainer())
+    summary = loop.execute()
+    assert summary.stopped_by == "trials" and summary.finished_in_study == 3 and summary.trials_run == 3
+    state, value, record = session.told[0]
+    assert (state, value) == ("COMPLETE", pytest.approx(0.54)) and record.stop_reason == "completed"
+    assert record.epochs_run == 4 and record.config["seed"] == 0 and record.best_epoch == 4
+    state, value, record = session.told[1]
+    assert (state, value, record.stop_reason, record.epochs_run) == ("PRUNED", None, "pruned", 2)
+    assert [r for r in session.reports if r[0] == 1] == [(1, 1, pytest.approx(0.51)), (1, 2, pytest.approx(0.52))]
+    assert session.told[2][0] == "COMPLETE"
+    assert [o.state for o in reporter.finished] == ["PRUNED", "COMPLETE", "COMPLETE"]
+    assert summary.best_trial in (0, 2) and summary.model_epochs == pytest.approx((4 + 2 + 4) * 100 / 100)
+
+
+def test_a_diverged_trial_is_pruned_with_its_reason_and_never_reported_to_the_pruner():
+    session = FakeSession(target=2, epochs=3)
+    loop, _ = make_loop(session, FakeTrainer(diverge={0: 2}))
+    loop.execute()
+    state, value, record = session.told[0]
+    assert state == "PRUNED" and record.stop_reason == "non-finite loss at epoch 2"
+    assert record.val_loss == 0.4 and record.curves["val_acc"][-1] is None  # NaN stored as null
+    assert (0, 2) not in [(n, e) for n, e, _ in session.reports]
+
+
+def test_a_collapsed_trial_is_pruned_even_when_the_pruner_would_keep_it():
+    curve = {1: 0.9, 2: 0.95, 3: 0.1, 4: 0.1, 5: 0.1}
+    session = FakeSession(target=1, epochs=5)
+    loop, _ = make_loop(session, FakeTrainer(curve=lambda n, e: curve[e]), population=1)
+    loop.execute()
+    state, _, record = session.told[0]
+    assert state == "PRUNED" and record.stop_reason.startswith("accuracy collapsed to 0.100 at epoch 4")
+
+
+def test_timeout_cuts_running_trials_short_and_stops_asking():
+    clock = Clock()
+
+    class SlowTrainer(FakeTrainer):
+        def run_epoch(self):
+            clock.now += 10.0  # each epoch takes 10 s
+            return super().run_epoch()
+
+    session = FakeSession(target=10, epochs=5)
+    loop, _ = make_loop(session, SlowTrainer(), population=2, timeout=25, clock=clock)
+    summary = loop.execute()
+    assert summary.stopped_by == "timeout"
+    assert sorted(session.told) == [0, 1] and session.next_number == 2  # nothing asked after the timeout
+    assert all(s == "PRUNED" and r.stop_reason == "timeout" and r.epochs_run == 3 for s, _, r in session.told.values())
+
+
+def test_a_trial_another_worker_took_is_dropped_not_told():
+    session = FakeSession(target=2, epochs=2, taken={0})
+    trainer = FakeTrainer()
+    loop, reporter = make_loop(session, trainer, population=1)
+    summary = loop.execute()
+    assert 0 not in trainer and sorted(session.told) == [1, 2] and summary.trials_run == 2  # 2 fills its slot
+    assert any("trial 0 was declared lost by another worker" in n for n in reporter.notes)
+
+
+def test_waits_for_trials_running_in_other_workers():
+    session = FakeSession(target=2, epochs=1, running_elsewhere=1)
+    clock = Clock()
+    loop, reporter = make_loop(session, FakeTrainer(), population=1, clock=clock)
+
+    def other_worker_finishes(seconds):
+        clock.sleep(seconds)
+        session.running_elsewhere = 0
+        session.told[99] = ("COMPLETE", 0.3, None)
+
+    loop.sleep = other_worker_finishes
+    summary = loop.execute()
+    assert summary.stopped_by == "trials" and clock.now > 0
+    assert reporter.notes == ["1 of 2 trials finished, 1 running in other workers: waiting for them"]
+
+
+def test_an_interrupt_fails_and_requeues_the_trials_in_training():
+    session = FakeSession(target=4, epochs=3)
+    loop, reporter = make_loop(session, FakeTrainer(fail_on_epoch=2, error=Interrupted(15)), population=2)
+    with pytest.raises(Interrupted) as caught:
+        loop.execute()
+    assert session.abandoned == ("interrupted", [0, 1], [0, 1])
+    assert caught.value.message == ("interrupted: trials 0, 1 marked failed and queued to run again; "
+                                    "0 of 4 trials finished; run the same command again to continue")
+    assert reporter.messages == [caught.value.message]
+
+
+def test_a_failing_storage_requeues_and_becomes_one_line_while_a_bug_does_not_requeue():
+    session = FakeSession(target=2, epochs=3)
+    loop, _ = make_loop(session, FakeTrainer(fail_on_epoch=1, error=OSError("disk I/O error")))
+    with pytest.raises(HPSearchError, match="failed during the run: disk I/O error; finished trials are kept "
+                                            "and 2 running ones queued again"):
+        loop.execute()
+    session = FakeSession(target=2, epochs=3)
+    loop, _ = make_loop(session, FakeTrainer(fail_on_epoch=1, error=RuntimeError("a bug")))
+    with pytest.raises(RuntimeError):
+        loop.execute()
+    assert session.abandoned == ("error: a bug", [0, 1], [])
+
+
+def _result(epoch=2, finished=False, diverged=None, val=0.8):
+    return EpochResult(0, epoch, 0.5, 0.8, 0.4, val, 1.0, 1, finished, diverged)
+
+
+def test_judge():
+    never, always = (lambda: False), (lambda: True)
+    assert judge(_result(), [0.7, 0.8], 10, never, False) is None
+    assert judge(_result(), [0.7, 0.8], 10, always, False) == Verdict("PRUNED", "pruned")
+    assert judge(_result(), [0.7, 0.8], 10, never, True) == Verdict("PRUNED", "timeout")
+    assert judge(_result(finished=True), [0.7, 0.8], 10, always, True) == Verdict("COMPLETE", None)
+    assert judge(_result(diverged="loss exploded"), [0.7], 10, never, False) == Verdict("PRUNED", "loss exploded")
+    collapsed = judge(_result(epoch=4, finished=True), [0.9, 0.9, 0.1, 0.1], 10, never, False)
+    assert collapsed.state == "PRUNED" and collapsed.reason.startswith("accuracy collapsed")
