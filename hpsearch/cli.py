@@ -170,6 +170,8 @@ def run(
     val_fraction: float = typer.Option(0.1, help="Share of the training file held out for validation."),
     precision: str = typer.Option("fp32", help="Matmul precision on a GPU: fp32, tf32 or bf16 (autocast; weights stay fp32)."),
     grouping: str = typer.Option("auto", help="Which population members train as one computation: batch (pad shapes), width (pad within 2x), shape (exact), or auto (shape on CPU, batch on GPU)."),
+    start: bool = typer.Option(True, "--start/--no-start", help="A new study first runs the space's [[start]] "
+                                                                 "configurations (known-good settings), then samples."),
     workers: str = typer.Option("auto", help="Worker processes sharing the study (N, or auto: one per GPU when "
                                              "there are several, else 1). --trials counts for all of them together."),
 ) -> None:
@@ -181,7 +183,7 @@ def run(
     settings = RunSettings(trials=trials, timeout=timeout, study=study, storage=storage, dataset=dataset,
                            data_dir=data_dir, space=space, epochs=epochs, subset=subset, device=device,
                            seed=seed, pruner=pruner, population=population, val_fraction=val_fraction,
-                           precision=precision, grouping=grouping)
+                           precision=precision, grouping=grouping, start=start)
     n = resolve_workers(workers, device)
     if n == 1:
         run_study(settings, RichReporter())

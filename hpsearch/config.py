@@ -76,6 +76,7 @@ class RunSettings:
     val_fraction: float = 0.1
     precision: str = "fp32"  # not part of the study's identity: it changes speed, not what is measured
     grouping: str = "auto"
+    start: bool = True  # a new study runs the space's [[start]] configurations first
 
     def validate(self) -> None:
         """One line naming the flag for the first bad value."""

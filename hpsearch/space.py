@@ -60,8 +60,11 @@ class Space:
     params: tuple[Param, ...]
     fixed: dict = field(default_factory=dict)
     source: str = ""
+    # [[start]] tables: full assignments of the sampled parameters that a new study runs first
+    starts: tuple[dict, ...] = ()
 
     def to_dict(self) -> dict:
+        """What the study measures (its identity): the starting points are not part of it."""
         return {"params": {p.name: p.to_dict() for p in self.params}, "fixed": dict(self.fixed)}
 
     @property
@@ -129,9 +132,10 @@ def parse_space(text: str, source: str = "<string>") -> Space:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpaceError(f"{source} is not valid TOML: {exc}") from None
-    extra = set(doc) - {"params", "fixed"}
+    extra = set(doc) - {"params", "fixed", "start"}
     if extra:
-        raise SpaceError(f"{source}: unexpected top-level keys {', '.join(sorted(extra))} (use [params.NAME] and [fixed])")
+        raise SpaceError(f"{source}: unexpected top-level keys {', '.join(sorted(extra))} "
+                         f"(use [params.NAME], [fixed] and [[start]])")
     params_doc = doc.get("params", {})
     fixed_doc = doc.get("fixed", {})
     if not isinstance(params_doc, dict) or not params_doc:
@@ -146,7 +150,41 @@ def parse_space(text: str, source: str = "<string>") -> Space:
         if name in params_doc:
             raise SpaceError(f"{source}: {name} is both sampled and fixed")
         fixed[name] = _check_value(name, value, source)
-    return Space(params, fixed, source)
+    return Space(params, fixed, source, _parse_starts(doc.get("start", []), params, source))
+
+
+def _parse_starts(starts, params: tuple[Param, ...], source: str) -> tuple[dict, ...]:
+    """[[start]] tables: each sets every sampled parameter to a value inside its range or choices."""
+    if not isinstance(starts, list) or not all(isinstance(s, dict) for s in starts):
+        raise SpaceError(f"{source}: starting configurations must be [[start]] tables")
+    names = [p.name for p in params]
+    out = []
+    for i, start in enumerate(starts, 1):
+        where = f"{source}: [[start]] {i}"
+        unknown = sorted(set(start) - set(names))
+        if unknown:
+            raise SpaceError(f"{where}: {', '.join(unknown)} is not a sampled parameter of this space "
+                             f"(sampled: {', '.join(names)})")
+        missing = [n for n in names if n not in start]
+        if missing:
+            raise SpaceError(f"{where}: sets no value for {', '.join(missing)}")
+        out.append({p.name: _check_in_param(p, start[p.name], where) for p in params})
+    if len({tuple(sorted(s.items())) for s in out}) != len(out):
+        raise SpaceError(f"{source}: two [[start]] tables are the same configuration")
+    return tuple(out)
+
+
+def _check_in_param(param: Param, value, where: str):
+    value = _check_value(param.name, value, where)
+    if param.kind == "categorical":
+        if value not in param.choices:
+            raise SpaceError(f"{where}: {param.name} = {value!r} is not one of the choices {list(param.choices)}")
+        return value
+    if not param.low <= value <= param.high:
+        raise SpaceError(f"{where}: {param.name} = {value!r} is outside [{param.low}, {param.high}]")
+    if param.step and not math.isclose((value - param.low) / param.step, round((value - param.low) / param.step)):
+        raise SpaceError(f"{where}: {param.name} = {value!r} is not on the grid of step {param.step} from {param.low}")
+    return value
 
 
 def load_space(path: str | Path | None = None) -> Space:

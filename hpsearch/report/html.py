@@ -63,10 +63,20 @@ def _summary_rows(s: dict) -> list[tuple[str, object]]:
         ("epoch budget per trial", s["epochs"]), ("seed", s["seed"]), ("created", s["created"]),
         ("trials", f"{s['trials']} ({states})"),
         ("best validation accuracy", f"{s['best_value']:.4f} (trial {s['best_trial']})"),
+        ("best starting configuration", _start_text(s.get("best_start"), s["best_value"])),
         ("total compute time", f"{_duration(s['trial_seconds_total'])} summed over trials; "
                                f"{_duration(s['wall_seconds'])} wall clock from first start to last finish"),
         ("devices", ", ".join(s["devices"]) or "-"),
     ]
+
+
+def _start_text(start: dict | None, best_value: float) -> str:
+    if start is None:
+        return "none completed (the study ran no [[start]] configuration, or none finished its budget)"
+    gain = best_value - start["value"]
+    return (f"{start['value']:.4f} (trial {start['trial']}, [[start]] {start['start']}); "
+            f"the search found {gain:+.4f} over it" if gain > 0 else
+            f"{start['value']:.4f} (trial {start['trial']}, [[start]] {start['start']}): the best so far")
 
 
 def _head(s: dict, charts: list[Chart]) -> list[str]:

@@ -61,6 +61,7 @@ class TrialAttr:
     STOP_REASON = "stop_reason"  # also set on failed trials: "interrupted", "surplus", "worker lost..."
     VERSIONS = "versions"
     RETRY_OF = "retry_of"  # on a queued retry: the number of the trial it retries
+    START = "hpsearch:start"  # on a starting configuration: its 1-based index among the space's [[start]]s
 
 
 COMPLETED = "completed"  # the stop reason of a trial that ran its whole budget
@@ -133,6 +134,11 @@ class TrialRow:
     @property
     def seed(self) -> int | None:
         return self.attrs.get(TrialAttr.SEED)
+
+    @property
+    def start(self) -> int | None:
+        """The index of the [[start]] configuration this trial ran, None for a sampled trial."""
+        return self.attrs.get(TrialAttr.START)
 
     @property
     def versions(self) -> dict | None:

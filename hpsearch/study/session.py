@@ -116,6 +116,15 @@ def _write_identity(study: optuna.Study, settings: RunSettings, identity: dict) 
     study.set_user_attr(StudyAttr.CREATED, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
+def _enqueue_starts(study: optuna.Study, space: Space) -> None:
+    """The space's [[start]] configurations as the first trials: ordinary, prunable trials that
+    `ask` takes before sampling, marked with their index so reports can tell them apart."""
+    if study._storage.get_n_trials(study._study_id) > 0:
+        return  # queued by a worker that won the race to create the study
+    for index, params in enumerate(space.starts, 1):
+        study.enqueue_trial(params, user_attrs={TrialAttr.START: index})
+
+
 def open_study(settings: RunSettings, space: Space, liveness: Liveness | None = None,
                lock: StudyLock | None = None) -> optuna.Study:
     """Create or load the study and check that it measures what `settings` say."""
@@ -135,6 +144,8 @@ def open_study(settings: RunSettings, space: Space, liveness: Liveness | None = 
                 _check_identity(settings, existing, identity)
             else:
                 _write_identity(study, settings, identity)
+                if settings.start:
+                    _enqueue_starts(study, space)
                 if not lock.exclusive:  # two different commands racing on a server: one of them loses
                     _check_identity(settings, study._storage.get_study_user_attrs(study._study_id), identity)
         except HPSearchError:

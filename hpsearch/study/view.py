@@ -170,7 +170,17 @@ def study_summary(view: StudyView) -> dict:
         "trial_seconds_total": sum(durations),
         "wall_seconds": (max(ends) - min(starts)).total_seconds() if starts and ends else None,
         "devices": sorted({str(t.attrs[TrialAttr.DEVICE]) for t in trials if TrialAttr.DEVICE in t.attrs}),
+        "best_start": _best_start(trials),
     }
+
+
+def _best_start(trials: list[TrialRow]) -> dict | None:
+    """The best complete [[start]] trial: what the search is measured against."""
+    starts = [t for t in trials if t.start is not None and t.state == "COMPLETE" and t.value is not None]
+    if not starts:
+        return None
+    best = max(starts, key=lambda t: t.value)
+    return {"trial": best.number, "start": best.start, "value": best.value, "params": best.params}
 
 
 def _cell(value):

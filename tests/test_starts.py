@@ -1,0 +1,94 @@
+"""Starting configurations ([[start]] in a space file): validated, run first, recorded, reported."""
+
+import re
+
+import optuna
+import pytest
+
+from conftest import make_idx_dir
+from hpsearch.errors import SpaceError
+from hpsearch.space import load_space, parse_space
+
+SPACE = """
+[params.lr]
+type = "float"
+low = 1e-4
+high = 1e-1
+log = true
+[params.layer_size]
+type = "int"
+low = 16
+high = 64
+step = 16
+[params.optimizer]
+type = "categorical"
+choices = ["adamw", "sgd"]
+[fixed]
+num_layers = 2
+batch_size = 64
+"""
+START_1 = "[[start]]\nlr = 1e-3\nlayer_size = 32\noptimizer = 'adamw'\n"
+START_2 = "[[start]]\nlr = 1e-2\nlayer_size = 64\noptimizer = 'sgd'\n"
+
+
+def test_starts_are_parsed_in_order_and_not_part_of_the_study_identity():
+    space = parse_space(SPACE + START_1 + START_2)
+    assert space.starts == ({"lr": 1e-3, "layer_size": 32, "optimizer": "adamw"},
+                            {"lr": 1e-2, "layer_size": 64, "optimizer": "sgd"})
+    assert space.to_dict() == parse_space(SPACE).to_dict()
+
+
+@pytest.mark.parametrize("start, message", [
+    ("lr = 1e-3\nlayer_size = 32\noptimizer = 'adamw'\nnum_layers = 3\n", "num_layers is not a sampled parameter"),
+    ("lr = 1e-3\nlayer_size = 32\n", "sets no value for optimizer"),
+    ("lr = 0.5\nlayer_size = 32\noptimizer = 'adamw'\n", "lr = 0.5 is outside [0.0001, 0.1]"),
+    ("lr = 1e-3\nlayer_size = 40\noptimizer = 'adamw'\n", "not on the grid of step 16"),
+    ("lr = 1e-3\nlayer_size = 32\noptimizer = 'sgdw'\n", "optimizer = 'sgdw' is not one of"),
+    ("lr = 1e-3\nlayer_size = 32.5\noptimizer = 'adamw'\n", "layer_size must be int"),
+])
+def test_a_bad_start_is_one_clear_error(start, message):
+    with pytest.raises(SpaceError, match=re.escape(message)):
+        parse_space(SPACE + "[[start]]\n" + start, "s.toml")
+    with pytest.raises(SpaceError, match="the same configuration"):
+        parse_space(SPACE + START_1 + START_1)
+
+
+def test_the_shipped_space_starts_from_known_good_configurations():
+    starts = load_space(None).starts
+    assert len(starts) >= 2
+    assert starts[0] == {"num_layers": 3, "layer_size": 512, "activation": "relu", "weight_decay": 1e-2,
+                         "lr": 1e-3, "batch_size": 128, "dropout": 0.2, "optimizer": "adamw"}
+
+
+def _run(tmp_path, data, trials, start=True, study="s"):
+    from hpsearch.config import RunSettings
+    from hpsearch.search import run_study
+
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE + START_1 + START_2)
+    url = f"sqlite:///{tmp_path}/s.db"
+    run_study(RunSettings(trials=trials, study=study, storage=url, dataset="idx", data_dir=str(data),
+                          space=str(space), epochs=2, device="cpu", pruner="none", start=start))
+    return optuna.load_study(study_name=study, storage=url).trials
+
+
+def test_a_new_study_runs_its_starts_first_and_records_them(tmp_path):
+    data = make_idx_dir(tmp_path / "data")
+    trials = _run(tmp_path, data, trials=3)
+    assert [t.params for t in trials[:2]] == list(parse_space(SPACE + START_1 + START_2).starts)
+    assert [t.user_attrs.get("hpsearch:start") for t in trials] == [1, 2, None]
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    trials = _run(tmp_path, data, trials=4)  # continuing: the starts are not queued again
+    assert len(trials) == 4 and [t.user_attrs.get("hpsearch:start") for t in trials] == [1, 2, None, None]
+
+    from hpsearch.study import open_view, study_summary
+
+    summary = study_summary(open_view(f"sqlite:///{tmp_path}/s.db", "s"))
+    best_start = max(trials[:2], key=lambda t: t.value)
+    assert summary["best_start"]["trial"] == best_start.number and summary["best_start"]["value"] == best_start.value
+
+
+def test_no_start_samples_from_the_first_trial(tmp_path):
+    data = make_idx_dir(tmp_path / "data")
+    trials = _run(tmp_path, data, trials=2, start=False, study="n")
+    assert all("hpsearch:start" not in t.user_attrs for t in trials)
