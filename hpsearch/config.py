@@ -80,7 +80,8 @@ class RunSettings:
 
     def validate(self) -> None:
         """One line naming the flag for the first bad value."""
-        _one_of("--grouping", self.grouping, ("auto", *GROUPINGS))
+        if self.grouping != "auto" and self.grouping not in GROUPINGS:
+            raise HPSearchError(f"unknown grouping {self.grouping!r}; choose auto or one of {', '.join(GROUPINGS)}")
         _one_of("--precision", self.precision, PRECISIONS)
         _one_of("--dataset", self.dataset, DATASET_NAMES)
         _one_of("--pruner", self.pruner, PRUNERS)

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import SpaceError
-from .specs import ACTIVATION_NAMES, OPTIMIZERS
+from .specs import ACTIVATION_NAMES, OPTIMIZERS, SCHEDULES
 
 DEFAULT_SPACE_PATH = Path("studies/mlp.toml")
 
@@ -28,6 +28,8 @@ _RULES: dict[str, tuple[type, object]] = {
     "weight_decay": (float, lambda v: 0.0 <= v <= 10.0),
     "batch_size": (int, lambda v: 1 <= v <= 65536),
     "momentum": (float, lambda v: 0.0 <= v < 1.0),
+    "schedule": (str, set(SCHEDULES)),
+    "label_smoothing": (float, lambda v: 0.0 <= v <= 0.5),
 }
 _KINDS = ("int", "float", "categorical")
 

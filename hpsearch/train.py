@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .data import Dataset
 from .config import GROUPINGS, PRECISIONS
 from .models import LEAKY_SLOPE, NeuralNetwork
-from .specs import OPTIMIZERS, ModelSpec, TrainConfig
+from .specs import OPTIMIZERS, ModelSpec, TrainConfig, warmup_steps
 
 __all__ = ["EpochResult", "OPTIMIZERS", "PopulationTrainer", "TrainConfig", "TrainResult", "TRAINER_VERSION",
            "member_model", "permutations", "train_one"]
@@ -137,6 +137,7 @@ class _Group:
         self.L = max(m.spec.num_layers for m in members)
         self.H = max(m.spec.layer_size for m in members)
         self.widths = [data.in_features] + [self.H] * (self.L - 1) + [data.num_classes]
+        self.steps_per_epoch = math.ceil(len(data.train_y) / self.batch_size)
         self._init_parameters()
         self._init_structure()
         self._init_hyperparameters()
@@ -194,12 +195,19 @@ class _Group:
         self.any_dropout = any(c.dropout > 0 for c in cfgs)
         self.seed32 = torch.tensor([_seed_mix(c.seed, 3) for c in cfgs], device=self.device).view(self.K, 1, 1)
         self.step_count = self._per_member(float(m.steps) for m in self.members)
+        # Learning-rate schedule (specs.lr_factor) and label smoothing, per member
+        self.any_cosine = any(c.schedule == "cosine" for c in cfgs)
+        self.cosine = self._per_member((c.schedule == "cosine" for c in cfgs), torch.bool)
+        total = [c.epochs * self.steps_per_epoch for c in cfgs]
+        self.total_steps = self._per_member(total)
+        self.warmup_steps = self._per_member(warmup_steps(t) for t in total)
+        self.any_smoothing = any(c.label_smoothing > 0 for c in cfgs)
+        self.smoothing = self._per_member(c.label_smoothing for c in cfgs).view(self.K, 1)
 
     def _init_epoch_buffers(self) -> None:
         """Per-epoch inputs, updated in place (static addresses for CUDA graphs)."""
         fp = dict(device=self.device, dtype=self.dtype)
         n = len(self.data.train_y)
-        self.steps_per_epoch = math.ceil(n / self.batch_size)
         S, B = self.steps_per_epoch, self.batch_size
         self.perm = torch.zeros(self.K, S, B, dtype=torch.long, device=self.device)
         last = n - (S - 1) * B
@@ -306,9 +314,7 @@ class _Group:
         x = self.train_x.index_select(0, idx.view(-1)).view(self.K, -1, self.train_x.shape[1])  # [K, B, F]
         y = self.data.train_y.index_select(0, idx.view(-1)).view(self.K, -1)
         logits = self.forward(x, train=True)
-        C = logits.shape[-1]
-        ce = F.cross_entropy(logits.reshape(-1, C), y.reshape(-1), reduction="none").view(self.K, -1)
-        member_loss = (ce * row_w).sum(1)  # each member's mean over its real rows
+        member_loss = (self._training_loss(logits, y) * row_w).sum(1)  # each member's mean over its real rows
         grads = torch.autograd.grad(member_loss.sum(), self.params)
         with torch.no_grad():
             self.loss_sum += member_loss.detach() * self.rows_per_step.index_select(0, self.step_index)
@@ -318,6 +324,25 @@ class _Group:
             self._update(grads)
             self.step_index += 1
 
+    def _training_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[K, B] cross-entropy, label-smoothed per member as F.cross_entropy(label_smoothing=e) does."""
+        if not self.any_smoothing:
+            C = logits.shape[-1]
+            return F.cross_entropy(logits.reshape(-1, C), y.reshape(-1), reduction="none").view(self.K, -1)
+        logp = F.log_softmax(logits, -1)
+        nll = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        return (1 - self.smoothing) * nll - self.smoothing * logp.mean(-1)
+
+    def _learning_rate(self) -> torch.Tensor:
+        """[K, 1, 1] learning rates of this step: specs.lr_factor on the device, for every member."""
+        if not self.any_cosine:
+            return self.lr
+        i = self.step_count - 1  # the 0-based index of the step being taken
+        warm, total = self.warmup_steps, self.total_steps
+        cosine = 0.5 * (1 + torch.cos(math.pi * (i - warm) / (total - warm).clamp(min=1)))
+        factor = torch.where(i < warm, (i + 1) / warm, cosine)
+        return self.lr * torch.where(self.cosine, factor, torch.ones_like(factor))
+
     def _update(self, grads: tuple[torch.Tensor, ...]) -> None:
         """AdamW and SGD+momentum as torch.optim computes them, batched over members, in place.
 
@@ -325,13 +350,13 @@ class _Group:
         (profiled at 4x512, batch 128). SGD's momentum buffer starts at zero, so
         `momentum * buf + d_p` is torch's first-step `buf = d_p` without a branch.
         """
-        lr, wd, t = self.lr, self.wd, self.step_count
+        lr, wd, t = self._learning_rate(), self.wd, self.step_count
         b1, b2 = ADAM_BETAS
         adam, sgd = "adamw" in self.opts, "sgd" in self.opts
         if adam:
             step_size = lr / (1 - b1**t)
             inv_bc2_sqrt = torch.rsqrt(1 - b2**t)
-            decay = self.decay
+            decay = self.decay if lr is self.lr else 1 - lr * wd
         for p, g, m, v in zip(self.params, grads, self.m, self.v):
             if adam and not sgd:
                 m.lerp_(g, 1 - b1)

@@ -5,12 +5,15 @@ import torch
 
 from hpsearch.train import PopulationTrainer, TrainConfig, train_one
 
-# Different depths, widths, activations, optimizers, dropout and batch sizes (two groups).
+# Different depths, widths, activations, optimizers, dropout, schedules, label smoothing and batch
+# sizes (two groups).
 MIXED = {
     "relu-2x64-adamw": TrainConfig(num_layers=2, layer_size=64, activation="relu", optimizer="adamw",
-                                   lr=2e-3, weight_decay=1e-3, batch_size=128, epochs=3, seed=1),
+                                   lr=2e-3, weight_decay=1e-3, batch_size=128, epochs=3, seed=1,
+                                   schedule="cosine", label_smoothing=0.1),
     "tanh-4x100-sgd-drop": TrainConfig(num_layers=4, layer_size=100, activation="tanh", optimizer="sgd",
-                                       lr=3e-2, weight_decay=1e-4, batch_size=128, epochs=2, seed=2, dropout=0.2),
+                                       lr=3e-2, weight_decay=1e-4, batch_size=128, epochs=2, seed=2, dropout=0.2,
+                                       schedule="cosine"),
     "sigmoid-3x48-adamw-drop": TrainConfig(num_layers=3, layer_size=48, activation="sigmoid", lr=1e-3,
                                            batch_size=128, epochs=3, seed=3, dropout=0.1),
     "leaky-5x32-sgd": TrainConfig(num_layers=5, layer_size=32, activation="leaky_relu", optimizer="sgd",

@@ -40,11 +40,16 @@ def test_divergence_ends_the_member_not_the_run(fashion_small):
     assert second.key == "good" and second.finished and len(trainer) == 0
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-def test_batched_optimizer_matches_torch_optim(fashion_small, optimizer):
-    """The trainer's AdamW / SGD+momentum (batched, hand-written) against torch.optim, step by step."""
+@pytest.mark.parametrize("optimizer, schedule, smoothing", [
+    ("adamw", "constant", 0.0), ("sgd", "constant", 0.0), ("adamw", "cosine", 0.1), ("sgd", "cosine", 0.2)])
+def test_batched_optimizer_matches_torch_optim(fashion_small, optimizer, schedule, smoothing):
+    """The trainer's AdamW / SGD+momentum (batched, hand-written), learning-rate schedule and label
+    smoothing against torch.optim + LambdaLR + F.cross_entropy(label_smoothing), step by step."""
+    from hpsearch.specs import lr_factor
+
     config = TrainConfig(num_layers=3, layer_size=48, activation="tanh", optimizer=optimizer, lr=3e-3,
-                         weight_decay=1e-2, batch_size=100, epochs=2, seed=5)
+                         weight_decay=1e-2, batch_size=100, epochs=2, seed=5, schedule=schedule,
+                         label_smoothing=smoothing)
     ours = train_one(config, fashion_small, dtype=torch.float64).model.double()
 
     spec = config.model_spec(fashion_small)
@@ -62,14 +67,18 @@ def test_batched_optimizer_matches_torch_optim(fashion_small, optimizer):
                               weight_decay=config.weight_decay)
     x_all = fashion_small.train_x.double()
     y_all = fashion_small.train_y
+    total = config.epochs * math.ceil(len(y_all) / config.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, total, schedule))
     for epoch in range(config.epochs):
         perm = permutations([config.seed], [epoch], len(y_all), torch.device("cpu"))[0]
         for s in range(0, len(perm), config.batch_size):
             idx = perm[s:s + config.batch_size]
-            loss = F.cross_entropy(ref(x_all[idx]), y_all[idx])
+            loss = F.cross_entropy(ref(x_all[idx]), y_all[idx], label_smoothing=smoothing)
             opt.zero_grad()
             loss.backward()
             opt.step()
+            sched.step()
+    assert sched.last_epoch == total
     for a, b in zip(ours.state_dict().values(), ref.state_dict().values()):
         assert torch.allclose(a, b, rtol=1e-7, atol=1e-9), (a - b).abs().max()
 
