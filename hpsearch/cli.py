@@ -166,6 +166,7 @@ def run(
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     seed: int = typer.Option(0, help="Seed for the split, the sampler and every trial."),
     pruner: str = typer.Option("median", help="median, hyperband or none."),
+    sampler: str = typer.Option("auto", help="auto (= tpe), tpe, random or gp (Gaussian process; needs scipy)."),
     population: str = typer.Option("auto", help="Trials trained at once as one batched computation (K or auto: 1 on CPU, 32 on GPU)."),
     val_fraction: float = typer.Option(0.1, help="Share of the training file held out for validation."),
     precision: str = typer.Option("fp32", help="Matmul precision on a GPU: fp32, tf32 or bf16 (autocast; weights stay fp32)."),
@@ -182,7 +183,7 @@ def run(
 
     settings = RunSettings(trials=trials, timeout=timeout, study=study, storage=storage, dataset=dataset,
                            data_dir=data_dir, space=space, epochs=epochs, subset=subset, device=device,
-                           seed=seed, pruner=pruner, population=population, val_fraction=val_fraction,
+                           seed=seed, pruner=pruner, sampler=sampler, population=population, val_fraction=val_fraction,
                            precision=precision, grouping=grouping, start=start)
     n = resolve_workers(workers, device)
     if n == 1:

@@ -15,6 +15,7 @@ Every "auto" is resolved here, in one place (the resolvers import torch only whe
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -25,6 +26,9 @@ DEFAULT_STORAGE = "sqlite:///studies/hpsearch.db"
 DEFAULT_STUDY = "hpsearch"
 DATASET_NAMES = ("mnist", "fashion-mnist", "kmnist", "idx")
 PRUNERS = ("median", "hyperband", "none")
+# auto = tpe: multivariate TPE with the constant liar, so parallel trials do not crowd one point.
+# random: the baseline a search must beat. gp: Optuna's Gaussian-process sampler (needs scipy).
+SAMPLERS = ("auto", "tpe", "random", "gp")
 # fp32: exact float32 matmuls. tf32: TensorFloat-32 matmuls on Ampere+ GPUs (10-bit mantissa
 # inputs, fp32 accumulate). bf16: forward/backward matmuls under bfloat16 autocast; weights,
 # optimizer state and the loss stay fp32. GPU only: on a CPU they would only cost time.
@@ -72,6 +76,7 @@ class RunSettings:
     device: str = "auto"
     seed: int = 0
     pruner: str = "median"
+    sampler: str = "auto"  # not part of the study's identity: a later run may sample differently
     population: str | int = "auto"
     val_fraction: float = 0.1
     precision: str = "fp32"  # not part of the study's identity: it changes speed, not what is measured
@@ -85,6 +90,9 @@ class RunSettings:
         _one_of("--precision", self.precision, PRECISIONS)
         _one_of("--dataset", self.dataset, DATASET_NAMES)
         _one_of("--pruner", self.pruner, PRUNERS)
+        _one_of("--sampler", self.sampler, SAMPLERS)
+        if self.sampler == "gp" and importlib.util.find_spec("scipy") is None:  # Optuna's GPSampler fits with it
+            raise HPSearchError("--sampler gp needs scipy: pip install scipy (or use --sampler tpe)")
         if self.trials < 1:
             raise HPSearchError(f"--trials must be at least 1, got {self.trials}")
         if self.epochs < 1:
@@ -150,6 +158,11 @@ def population_size(requested: str | int, device, trials: int) -> int:
     if k is None:
         k = 32 if device.type == "cuda" else 1
     return max(1, min(k, trials))
+
+
+def resolve_sampler(requested: str) -> str:
+    """auto: TPE (compared against random search by benchmarks/search.py)."""
+    return "tpe" if requested == "auto" else requested
 
 
 def resolve_grouping(requested: str, device) -> str:

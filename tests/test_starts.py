@@ -60,7 +60,7 @@ def test_the_shipped_space_starts_from_known_good_configurations():
                          "lr": 1e-3, "batch_size": 128, "dropout": 0.2, "optimizer": "adamw"}
 
 
-def _run(tmp_path, data, trials, start=True, study="s"):
+def _run(tmp_path, data, trials, start=True, study="s", **settings):
     from hpsearch.config import RunSettings
     from hpsearch.search import run_study
 
@@ -68,7 +68,7 @@ def _run(tmp_path, data, trials, start=True, study="s"):
     space.write_text(SPACE + START_1 + START_2)
     url = f"sqlite:///{tmp_path}/s.db"
     run_study(RunSettings(trials=trials, study=study, storage=url, dataset="idx", data_dir=str(data),
-                          space=str(space), epochs=2, device="cpu", pruner="none", start=start))
+                          space=str(space), epochs=2, device="cpu", pruner="none", start=start, **settings))
     return optuna.load_study(study_name=study, storage=url).trials
 
 
@@ -92,3 +92,23 @@ def test_no_start_samples_from_the_first_trial(tmp_path):
     data = make_idx_dir(tmp_path / "data")
     trials = _run(tmp_path, data, trials=2, start=False, study="n")
     assert all("hpsearch:start" not in t.user_attrs for t in trials)
+
+
+def test_the_sampler_and_pruner_are_recorded_and_used(tmp_path):
+    data = make_idx_dir(tmp_path / "data")
+    _run(tmp_path, data, trials=1, start=False, study="r", sampler="random")
+    study = optuna.load_study(study_name="r", storage=f"sqlite:///{tmp_path}/s.db")
+    assert (study.user_attrs["sampler"], study.user_attrs["pruner"]) == ("random", "none")
+    _run(tmp_path, data, trials=2, start=False, study="r")  # a later run may sample otherwise
+    assert study.user_attrs["sampler"] == "tpe"
+    from hpsearch.study.session import make_sampler
+
+    assert isinstance(make_sampler("random", 0), optuna.samplers.RandomSampler)
+    assert isinstance(make_sampler("auto", 0), optuna.samplers.TPESampler)
+
+
+def test_pruning_starts_after_the_starting_configurations():
+    from hpsearch.study import make_pruner
+
+    assert make_pruner("median", 20, starts=3)._n_startup_trials == 3
+    assert make_pruner("median", 20)._n_startup_trials == 5

@@ -26,6 +26,8 @@ class StudyAttr:
     VERSION = "hpsearch_version"
     CREATED = "created"
     DATASET_INFO = "dataset_info"
+    SAMPLER = "sampler"  # of the latest run (tpe, random, gp)
+    PRUNER = "pruner"  # of the latest run
 
 
 # What a study measures: a resumed run must keep these (the CLI flag is `--` + name with dashes).

@@ -25,7 +25,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import __version__
-from ..config import RunSettings
+from ..config import RunSettings, resolve_sampler
 from ..errors import HPSearchError
 from ..space import Param, Space
 from ..specs import TrainConfig
@@ -71,11 +71,13 @@ class BestTrial:
     params: dict
 
 
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+def make_pruner(name: str, epochs: int, starts: int = 0) -> optuna.pruners.BasePruner:
+    """`starts`: how many [[start]] trials the study begins with. They run their whole budget and
+    are the reference, so pruning starts after them; without them, after five full trials."""
     if name == "median":
-        # Five full trials before pruning anyone, and never before the 2nd epoch (steps are
-        # 1-based epochs; MedianPruner may prune once step >= n_warmup_steps).
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=2)
+        # Never before the 2nd epoch (steps are 1-based epochs; MedianPruner may prune once
+        # step >= n_warmup_steps).
+        return optuna.pruners.MedianPruner(n_startup_trials=starts or 5, n_warmup_steps=2)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
     return optuna.pruners.NopPruner()
@@ -135,7 +137,8 @@ def open_study(settings: RunSettings, space: Space, liveness: Liveness | None = 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 study = optuna.create_study(study_name=settings.study, storage=storage,
-                                            pruner=make_pruner(settings.pruner, settings.epochs),
+                                            pruner=make_pruner(settings.pruner, settings.epochs,
+                                                               len(space.starts) if settings.start else 0),
                                             direction="maximize", load_if_exists=True)
             identity = _identity(settings, space)
             existing = study.user_attrs
@@ -156,15 +159,28 @@ def open_study(settings: RunSettings, space: Space, liveness: Liveness | None = 
     return study
 
 
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """The sampler for `--sampler` (see config.SAMPLERS), seeded."""
+    name = resolve_sampler(name)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":  # RunSettings.validate has checked that scipy is there
+        return optuna.samplers.GPSampler(seed=seed, deterministic_objective=False)
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+
+
 def _seed_sampler(study: optuna.Study, settings: RunSettings, lock: StudyLock) -> None:
-    """TPE seeded by (seed, how many runs this study has seen): a resumed run does not replay the
-    first run's samples, and workers started together do not sample the same points."""
+    """The sampler seeded by (seed, how many runs this study has seen): a resumed run does not
+    replay the first run's samples, and workers started together do not sample the same points.
+    Which sampler and pruner a run used is recorded in the study."""
     with lock:
         runs = study._storage.get_study_system_attrs(study._study_id).get(RUNS, 0)
         study._storage.set_study_system_attr(study._study_id, RUNS, int(runs) + 1)
     salt = 0 if lock.exclusive else os.getpid()  # a server: the run counter may race
-    study.sampler = optuna.samplers.TPESampler(
-        seed=(settings.seed * 1_000_003 + int(runs) + salt * 7919) % 2**32, multivariate=True, constant_liar=True)
+    seed = (settings.seed * 1_000_003 + int(runs) + salt * 7919) % 2**32
+    study.sampler = make_sampler(settings.sampler, seed)
+    study.set_user_attr(StudyAttr.SAMPLER, resolve_sampler(settings.sampler))
+    study.set_user_attr(StudyAttr.PRUNER, settings.pruner)
 
 
 # ----------------------------------------------------------------------------------------------

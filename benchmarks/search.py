@@ -1,0 +1,130 @@
+"""The search against the obvious alternatives, on one machine, in one run.
+
+    .venv/bin/python benchmarks/search.py [--budgets 120,300,600] [--subset N] [--out DIR] [--json]
+
+For each wall-clock budget (seconds of `hpsearch run --timeout`), on the full Fashion-MNIST
+training split unless --subset is given:
+  default   `hpsearch run` with the shipped space and settings (starting configurations first)
+  random    random search over the same space, without the starting configurations
+and once, for reference:
+  starts    the space's [[start]] configurations, each trained alone for the full epoch budget
+            (the same seeds as in a study, so the same models)
+Each study's best trial is then retrained and tested by `hpsearch report` (not counted in the
+budget). Printed: trials finished, best validation accuracy reached by 1/4, 1/2 and all of the
+budget, the retrained model's test accuracy; the JSON has every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = {"default": [], "random": ["--sampler", "random", "--no-start"]}
+
+
+def _hpsearch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hpsearch", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def _best_so_far(storage: str, study: str, budget: float) -> dict:
+    import optuna
+
+    trials = optuna.load_study(study_name=study, storage=storage).trials
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    done = [((t.datetime_complete - min(starts)).total_seconds(), t.value) for t in trials
+            if t.state.name == "COMPLETE" and t.value is not None]
+    finished = sum(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+
+    def best_by(seconds: float) -> float | None:
+        values = [v for at, v in done if at <= seconds]
+        return max(values) if values else None
+
+    return {"finished": finished, "complete": len(done),
+            "best_val_by": {f: best_by(budget * f) for f in (0.25, 0.5, 1.0)},
+            "best_val": max((v for _, v in done), default=None)}
+
+
+def run_method(method: str, budget: int, out: Path, subset: int | None) -> dict:
+    study, storage = f"{method}-{budget}", f"sqlite:///{out}/bench.db"
+    data = ["--subset", str(subset)] if subset else []
+    start = time.perf_counter()
+    run = _hpsearch(["run", "--timeout", str(budget), "--trials", "100000", "--study", study,
+                     "--storage", storage, *data, *METHODS[method]], out)
+    row = {"method": method, "budget_s": budget, "wall_s": round(time.perf_counter() - start, 1)}
+    if run.returncode != 0:
+        return {**row, "error": (run.stderr.strip().splitlines() or ["?"])[-1]}
+    row.update(_best_so_far(storage, study, budget))
+    report = _hpsearch(["report", "--study", study, "--storage", storage, "--no-artifact",
+                        "--out", str(out / "results" / study)], out)
+    best = out / "results" / study / "best.json"
+    if report.returncode != 0 or not best.is_file():
+        return {**row, "test_acc": None, "error": (report.stderr.strip().splitlines() or ["?"])[-1]}
+    result = json.loads(best.read_text())
+    return {**row, "best_trial": result["trial"], "test_acc": result["test_accuracy"],
+            "best_params": result["params"]}
+
+
+def run_starts(subset: int | None, epochs: int = 20) -> dict:
+    """The starting configurations trained alone, with the seeds trials 0, 1, ... get in a study."""
+    from hpsearch.data import load_dataset
+    from hpsearch.report import evaluate
+    from hpsearch.space import load_space
+    from hpsearch.train import TrainConfig, train_one
+
+    space = load_space(None)
+    data = load_dataset("fashion-mnist", subset=subset, seed=0)
+    rows = []
+    for number, params in enumerate(space.starts):
+        start = time.perf_counter()
+        config = TrainConfig.from_params({**space.fixed, **params}, epochs=epochs, seed=number)
+        result = train_one(config, data)
+        rows.append({"start": number + 1, "seconds": round(time.perf_counter() - start, 1),
+                     "val_acc": result.final.val_acc, "model": result.model})
+    best = max(rows, key=lambda r: r["val_acc"])
+    test = evaluate(best["model"], data.test_x, data.test_y, data.classes, data.image_shape)
+    return {"method": "starts", "seconds": round(sum(r["seconds"] for r in rows), 1),
+            "per_start": [{k: v for k, v in r.items() if k != "model"} for r in rows],
+            "best_start": best["start"], "best_val": best["val_acc"], "test_acc": test.accuracy}
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def print_table(rows: list[dict], starts: dict) -> None:
+    print(f"starts alone: best [[start]] {starts['best_start']}: val {starts['best_val']:.4f}, "
+          f"test {starts['test_acc']:.4f} ({starts['seconds']:.0f} s for all of them)")
+    print(f"{'budget':>6} {'method':<8} {'finished':>8} {'val@1/4':>8} {'val@1/2':>8} {'val':>8} "
+          f"{'test':>7} {'vs starts':>9}")
+    for r in rows:
+        by = r.get("best_val_by", {})
+        gain = r["test_acc"] - starts["test_acc"] if r.get("test_acc") is not None else None
+        print(f"{r['budget_s']:>6} {r['method']:<8} {r.get('finished', '-'):>8} {_fmt(by.get(0.25)):>8} "
+              f"{_fmt(by.get(0.5)):>8} {_fmt(r.get('best_val')):>8} {_fmt(r.get('test_acc')):>7} "
+              f"{'-' if gain is None else f'{gain:+.4f}':>9}" + (f"  ({r['error']})" if r.get("error") else ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budgets", default="120,300,600", help="comma-separated seconds")
+    parser.add_argument("--subset", type=int, default=None)
+    parser.add_argument("--out", default="bench-search", help="working folder (studies, reports, search.json)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    starts = run_starts(args.subset)
+    rows = [run_method(m, int(b), out, args.subset) for b in args.budgets.split(",") for m in METHODS]
+    (out / "search.json").write_text(json.dumps({"starts": starts, "rows": rows}, indent=2) + "\n")
+    if args.json:
+        print(json.dumps({"starts": starts, "rows": rows}, indent=2))
+    else:
+        print_table(rows, starts)
+
+
+if __name__ == "__main__":
+    main()
