@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, fields
 ACTIVATION_NAMES = ("relu", "sigmoid", "tanh", "leaky_relu")
 OPTIMIZERS = ("adamw", "sgd")
 # constant: the learning rate as given. cosine: linear warm-up over the first 5% of the trial's
-# steps, then cosine decay to zero at its last step (see `lr_factor`).
+# steps, then cosine decay towards zero (reached one step past the last, as torch's LambdaLR
+# with the same function; see `lr_factor`).
 SCHEDULES = ("constant", "cosine")
 
 

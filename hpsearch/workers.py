@@ -38,9 +38,11 @@ def _check_before_starting(settings: RunSettings) -> None:
     if storage_file(settings.storage) is None and settings.storage.startswith("sqlite"):
         raise HPSearchError("--workers needs a storage every process can open: an in-memory SQLite "
                             "database is private to one process; use a file (sqlite:///studies/x.db)")
-    StudySession(settings, load_space(settings.space))  # creates the study, or checks its identity
+    space = load_space(settings.space)
+    # The data before the study (as run_study does): a bad --subset must not leave a study behind.
     load_dataset(settings.dataset, settings.data_dir, "cpu", settings.val_fraction, settings.subset,
                  settings.seed)  # fails here, once, on bad data; downloads once if needed
+    StudySession(settings, space)  # creates the study, or checks its identity
 
 
 class _Relay:

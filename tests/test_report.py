@@ -13,7 +13,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-CHARTS = ("importance", "history", "intermediate", "parallel", "slice", "contour", "size", "timeline",
+CHARTS = ("importance", "history", "best_over_time", "intermediate", "parallel", "slice", "contour", "size", "timeline",
           "confusion_matrix", "misclassified", "retrain_curves", "samples")
 
 from conftest import assert_one_line_error, cli
@@ -62,8 +62,21 @@ def test_report_writes_every_file(study_report):
         assert f'id="chart-{chart}"' in page, chart
         assert f"charts/{chart}.html" in page
     assert "PED-ANOVA" in page  # says which importance evaluator
-    for text in ("fashion-mnist", "best validation accuracy", "total compute time", "test accuracy"):
+    for text in ("fashion-mnist", "best validation accuracy", "total compute time", "test accuracy",
+                 "best starting configuration"):
         assert text in page
+
+
+def test_best_so_far_marks_the_starting_configurations(study_report):
+    from hpsearch.report.figures import best_so_far_points
+    from hpsearch.study import open_view
+
+    view = open_view(study_report["storage"], "t")
+    points = best_so_far_points(view.trials)
+    values = [v for _, v, _ in points]
+    assert values == sorted(values) and values[-1] == view.best.value
+    assert points[0][2].start == 1  # the first trial is the first [[start]] configuration
+    assert [m for m, _, _ in points] == sorted(m for m, _, _ in points)
 
 
 def test_summary_and_trials_csv(study_report):

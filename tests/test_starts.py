@@ -112,3 +112,71 @@ def test_pruning_starts_after_the_starting_configurations():
 
     assert make_pruner("median", 20, starts=3)._n_startup_trials == 3
     assert make_pruner("median", 20)._n_startup_trials == 5
+
+
+def _settings(tmp_path, data, **kw):
+    from hpsearch.config import RunSettings
+
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE + START_1 + START_2)
+    return RunSettings(**{"trials": 3, "study": "x", "storage": f"sqlite:///{tmp_path}/x.db", "dataset": "idx",
+                          "data_dir": str(data), "space": str(space), "epochs": 2, "device": "cpu", **kw})
+
+
+def test_a_retried_or_surplus_start_stays_a_start_and_copies_from_a_race_are_dropped(tmp_path):
+    from hpsearch.space import load_space
+    from hpsearch.study import enqueue_retry, open_study
+    from hpsearch.study.session import _config_for, _drop_duplicate_starts, _give_up_surplus
+
+    settings = _settings(tmp_path, tmp_path)
+    space = load_space(settings.space)
+    study = open_study(settings, space)
+    first = study.ask()
+    _config_for(first, space, 2, 0)  # as the session does right after asking: the start's values
+    study.tell(first, state=optuna.trial.TrialState.FAIL)
+    number = enqueue_retry(study, study.trials[first.number], 3)
+    retry = study.trials[number]
+    assert retry.user_attrs["hpsearch:start"] == 1 and retry.user_attrs["retry_of"] == first.number
+    surplus = study.ask()  # start 2, given up as a surplus trial on a server: queued again, still a start
+    _config_for(surplus, space, 2, 0)
+    _give_up_surplus(study, surplus)
+    assert study.trials[-1].state.name == "WAITING" and study.trials[-1].user_attrs["hpsearch:start"] == 2
+    # a second worker creating the same server study queued the starts again: those copies go
+    for index, params in enumerate(space.starts, 1):
+        study.enqueue_trial(params, user_attrs={"hpsearch:start": index})
+    _drop_duplicate_starts(study)
+    waiting = [t for t in study.trials if t.state.name == "WAITING"]
+    assert sorted(t.user_attrs["hpsearch:start"] for t in waiting) == [1, 2]
+    assert sum(t.user_attrs.get("stop_reason") == "duplicate start" for t in study.trials) == 2
+
+
+def test_pruning_waits_for_the_starts_the_study_really_has(tmp_path):
+    from hpsearch.space import load_space
+    from hpsearch.study import open_study
+
+    space = load_space(_settings(tmp_path, tmp_path).space)
+    assert open_study(_settings(tmp_path, tmp_path, study="with"), space).pruner._n_startup_trials == 2
+    assert open_study(_settings(tmp_path, tmp_path, study="without", start=False), space).pruner._n_startup_trials == 5
+
+
+def test_a_changed_space_is_named_setting_by_setting(tmp_path):
+    from hpsearch.errors import HPSearchError
+    from hpsearch.space import parse_space
+    from hpsearch.study import open_study
+
+    settings = _settings(tmp_path, tmp_path)
+    open_study(settings, parse_space(SPACE + START_1))
+    changed = parse_space(SPACE.replace("batch_size = 64", "batch_size = 64\nschedule = 'cosine'") + START_1)
+    with pytest.raises(HPSearchError, match=re.escape('another search space (fixed.schedule: absent -> "cosine")')):
+        open_study(settings, changed)
+
+
+def test_workers_check_the_data_before_creating_the_study(tmp_path, monkeypatch, capsys):
+    from conftest import cli
+
+    data = make_idx_dir(tmp_path / "data")
+    url = f"sqlite:///{tmp_path}/w.db"
+    code, _, err = cli(["run", "--workers", "2", "--dataset", "idx", "--data-dir", str(data), "--subset", "999999",
+                        "--storage", url, "--study", "w", "--device", "cpu"], monkeypatch, capsys)
+    assert code == 2 and "subset" in err
+    assert not (tmp_path / "w.db").exists() or optuna.get_all_study_names(url) == []

@@ -19,7 +19,7 @@ from ..errors import HPSearchError, first_line
 from ..study import charts as optuna_charts
 from ..study.charts import IMPORTANCE_EVALUATORS
 from ..study.view import CHECKPOINT_NAME, Log, StudyView, open_view, study_summary, trials_frame
-from .figures import Chart, learning_curves_figure, size_figure
+from .figures import Chart, best_so_far_figure, learning_curves_figure, size_figure
 from .html import render_index
 from .retrain import Retrained, retrain_best
 
@@ -78,6 +78,7 @@ def study_charts(view: StudyView, importance: str, log: Log) -> tuple[list[Chart
     add = functools.partial(_add_chart, charts, log)  # the charts below, in page order
     _importance_chart(charts, log, view, evaluator, label, importances, complete)
     add("history", "Optimization history", lambda: optuna_charts.history_figure(view))
+    add("best_over_time", "Best validation accuracy against wall time", lambda: best_so_far_figure(view.trials))
     add("intermediate", "Learning curves of all trials", lambda: learning_curves_figure(view.trials, view.best),
         "Validation accuracy after every epoch, as reported to the pruner. Pruned trials are dotted and end in an x.")
     add("parallel", "Parallel coordinates", lambda: optuna_charts.parallel_figure(view, params))

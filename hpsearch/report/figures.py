@@ -126,6 +126,40 @@ def size_figure(trials: list[TrialRow], best: TrialRow):
     return fig
 
 
+def best_so_far_points(trials: list[TrialRow]) -> list[tuple[float, float, TrialRow]]:
+    """(minutes since the study's first trial started, best value so far, the trial that set it),
+    one point per complete trial that raised the best."""
+    starts = [t.datetime_start for t in trials if t.datetime_start is not None]
+    done = sorted((t for t in trials if t.state == "COMPLETE" and t.value is not None and t.datetime_complete),
+                  key=lambda t: t.datetime_complete)
+    points, best = [], None
+    for t in done:
+        if best is None or t.value > best:
+            best = t.value
+            points.append(((t.datetime_complete - min(starts)).total_seconds() / 60, best, t))
+    return points
+
+
+def best_so_far_figure(trials: list[TrialRow]):
+    """Best validation accuracy against wall time, the starting configurations marked: the gain the
+    search made over them, per minute of compute. None before the first complete trial."""
+    import plotly.graph_objects as go
+
+    points = best_so_far_points(trials)
+    if not points:
+        return None
+    text = [f"trial {t.number}" + (f" ([[start]] {t.start})" if t.start is not None else "") for _, _, t in points]
+    fig = go.Figure(go.Scatter(
+        x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers", line_shape="hv",
+        marker=dict(size=10, symbol=["diamond" if t.start is not None else "circle" for _, _, t in points],
+                    color=["#2ca02c" if t.start is not None else "#1f77b4" for _, _, t in points]),
+        text=text, hovertemplate="%{text}<br>%{x:.1f} min<br>best val acc %{y:.4f}<extra></extra>",
+        name="best so far"))
+    fig.update_layout(title="Best validation accuracy against wall time (diamonds: starting configurations)",
+                      xaxis_title="minutes since the first trial started", yaxis_title="best validation accuracy")
+    return fig
+
+
 # ----------------------------------------------------------------------------------------------
 # The retrained model
 

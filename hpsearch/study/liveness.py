@@ -174,7 +174,9 @@ def enqueue_retry(study: optuna.Study, frozen, max_retry: int) -> int | None:
     system_attrs.update({FAILED_TRIAL: history[0], RETRY_HISTORY: history})
     template = optuna.trial.create_trial(
         state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
-        user_attrs={TrialAttr.RETRY_OF: frozen.number}, system_attrs=system_attrs)
+        user_attrs={TrialAttr.RETRY_OF: frozen.number,
+                    **{k: v for k, v in frozen.user_attrs.items() if k == TrialAttr.START}},
+        system_attrs=system_attrs)
     trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
     return study._storage.get_trial(trial_id).number
 

@@ -101,13 +101,32 @@ def _identity(settings: RunSettings, space: Space) -> dict:
     return {key: space.to_dict() if key == StudyAttr.SPACE else getattr(settings, key) for key in IDENTITY}
 
 
+def _space_difference(old, new) -> str:
+    """The first few settings in which two stored spaces differ, as `fixed.schedule: absent -> "cosine"`."""
+    old, new = old if isinstance(old, dict) else {}, new if isinstance(new, dict) else {}
+    diffs = []
+    for part in ("params", "fixed"):
+        a, b = old.get(part) or {}, new.get(part) or {}
+        for name in sorted(set(a) | set(b)):
+            if a.get(name) != b.get(name):
+                show = lambda v: "absent" if v is None else json.dumps(v)[:60]  # noqa: E731
+                diffs.append(f"{part}.{name}: {show(a.get(name))} -> {show(b.get(name))}")
+    return "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
+
+
 def _check_identity(settings: RunSettings, existing: dict, identity: dict) -> None:
     for key in IDENTITY:
-        if existing.get(key) != identity[key]:
-            flag = "--space" if key == StudyAttr.SPACE else f"--{key.replace('_', '-')}"
+        if existing.get(key) == identity[key]:
+            continue
+        if key == StudyAttr.SPACE:
             raise HPSearchError(
-                f"study {settings.study!r} was created with {key} = {json.dumps(existing.get(key))[:80]}, "
-                f"not {json.dumps(identity[key])[:80]}; rerun with the same {flag} or pick a new --study")
+                f"study {settings.study!r} was created with another search space "
+                f"({_space_difference(existing.get(key), identity[key])}); rerun with --space FILE holding "
+                f"the study's space (its user attribute 'space'), or pick a new --study")
+        raise HPSearchError(
+            f"study {settings.study!r} was created with {key} = {json.dumps(existing.get(key))[:80]}, "
+            f"not {json.dumps(identity[key])[:80]}; rerun with the same --{key.replace('_', '-')} "
+            f"or pick a new --study")
 
 
 def _write_identity(study: optuna.Study, settings: RunSettings, identity: dict) -> None:
@@ -118,13 +137,37 @@ def _write_identity(study: optuna.Study, settings: RunSettings, identity: dict) 
     study.set_user_attr(StudyAttr.CREATED, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
 
-def _enqueue_starts(study: optuna.Study, space: Space) -> None:
+def _enqueue_starts(study: optuna.Study, space: Space, exclusive: bool) -> None:
     """The space's [[start]] configurations as the first trials: ordinary, prunable trials that
     `ask` takes before sampling, marked with their index so reports can tell them apart."""
     if study._storage.get_n_trials(study._study_id) > 0:
         return  # queued by a worker that won the race to create the study
     for index, params in enumerate(space.starts, 1):
         study.enqueue_trial(params, user_attrs={TrialAttr.START: index})
+    if not exclusive:  # a server database: a worker creating the study beside us may have queued them too
+        _drop_duplicate_starts(study)
+
+
+def _drop_duplicate_starts(study: optuna.Study) -> None:
+    """Each start runs once: fail the waiting copies of a start that another copy runs (or ran) already,
+    and all but the lowest-numbered waiting copy otherwise (a retry or a requeue is the one copy)."""
+    storage = study._storage
+    by_index: dict = {}
+    for t in storage.get_all_trials(study._study_id, deepcopy=False):
+        if TrialAttr.START in t.user_attrs and t.state != TrialState.FAIL:
+            by_index.setdefault(t.user_attrs[TrialAttr.START], []).append(t)
+    for copies in by_index.values():
+        waiting = sorted((t for t in copies if t.state == TrialState.WAITING), key=lambda t: t.number)
+        keep = 0 if len(waiting) < len(copies) else 1  # a copy is running or done: no waiting one is needed
+        for t in waiting[keep:]:
+            storage.set_trial_user_attr(t._trial_id, TrialAttr.STOP_REASON, "duplicate start")
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+
+def _start_count(study: optuna.Study) -> int:
+    """How many distinct [[start]] configurations the study holds (its full-budget references)."""
+    trials = study._storage.get_all_trials(study._study_id, deepcopy=False)
+    return len({t.user_attrs[TrialAttr.START] for t in trials if TrialAttr.START in t.user_attrs})
 
 
 def open_study(settings: RunSettings, space: Space, liveness: Liveness | None = None,
@@ -137,8 +180,6 @@ def open_study(settings: RunSettings, space: Space, liveness: Liveness | None = 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 study = optuna.create_study(study_name=settings.study, storage=storage,
-                                            pruner=make_pruner(settings.pruner, settings.epochs,
-                                                               len(space.starts) if settings.start else 0),
                                             direction="maximize", load_if_exists=True)
             identity = _identity(settings, space)
             existing = study.user_attrs
@@ -147,10 +188,11 @@ def open_study(settings: RunSettings, space: Space, liveness: Liveness | None = 
                 _check_identity(settings, existing, identity)
             else:
                 _write_identity(study, settings, identity)
-                if settings.start:
-                    _enqueue_starts(study, space)
                 if not lock.exclusive:  # two different commands racing on a server: one of them loses
                     _check_identity(settings, study._storage.get_study_user_attrs(study._study_id), identity)
+                if settings.start:
+                    _enqueue_starts(study, space, lock.exclusive)
+            study.pruner = make_pruner(settings.pruner, settings.epochs, _start_count(study))
         except HPSearchError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -213,7 +255,7 @@ def _give_up_surplus(study: optuna.Study, trial: optuna.Trial) -> None:
     frozen = study._storage.get_trial(trial._trial_id)
     study._storage.set_trial_user_attr(trial._trial_id, TrialAttr.STOP_REASON, "surplus")
     study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    if FAILED_TRIAL in frozen.system_attrs:  # a queued retry: put it back in the queue
+    if FAILED_TRIAL in frozen.system_attrs or TrialAttr.START in frozen.user_attrs:  # queued: queue it again
         requeue = optuna.trial.create_trial(
             state=TrialState.WAITING, params=frozen.params, distributions=frozen.distributions,
             user_attrs={k: v for k, v in frozen.user_attrs.items() if k != TrialAttr.STOP_REASON},
