@@ -180,3 +180,22 @@ def test_workers_check_the_data_before_creating_the_study(tmp_path, monkeypatch,
                         "--storage", url, "--study", "w", "--device", "cpu"], monkeypatch, capsys)
     assert code == 2 and "subset" in err
     assert not (tmp_path / "w.db").exists() or optuna.get_all_study_names(url) == []
+
+
+def test_a_start_that_died_before_sampling_is_retried_with_its_values(tmp_path):
+    from hpsearch.space import load_space
+    from hpsearch.study import enqueue_retry, open_study
+    from hpsearch.study.session import _config_for
+
+    settings = _settings(tmp_path, tmp_path)
+    space = load_space(settings.space)
+    study = open_study(settings, space)
+    died = study.ask()  # the worker was killed right after asking: no parameter sampled yet
+    study.tell(died, state=optuna.trial.TrialState.FAIL)
+    assert study.trials[died.number].params == {}
+    number = enqueue_retry(study, study.trials[died.number], 3)
+    assert number is not None and study.trials[number].user_attrs["hpsearch:start"] == 1
+    trials = [study.ask() for _ in range(2)]  # start 2 was queued before the retry
+    retry = next(t for t in trials if t.number == number)
+    config = _config_for(retry, space, 2, 0)
+    assert (config.lr, config.layer_size, config.optimizer) == (1e-3, 32, "adamw")

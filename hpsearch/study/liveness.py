@@ -168,7 +168,9 @@ def enqueue_retry(study: optuna.Study, frozen, max_retry: int) -> int | None:
     trial's number, or None when the trial has been retried `max_retry` times already.
     """
     history = list(frozen.system_attrs.get(RETRY_HISTORY, [])) + [frozen.number]
-    if not frozen.params or len(history) > max_retry:
+    # An enqueued trial (a [[start]]) that died before sampling has no params yet, but Optuna keeps
+    # its values in the "fixed_params" system attribute, which the retry inherits.
+    if not (frozen.params or frozen.system_attrs.get("fixed_params")) or len(history) > max_retry:
         return None
     system_attrs = {k: v for k, v in frozen.system_attrs.items() if k not in (HEARTBEAT, WORKER)}
     system_attrs.update({FAILED_TRIAL: history[0], RETRY_HISTORY: history})
