@@ -356,7 +356,7 @@ class _Group:
         if adam:
             step_size = lr / (1 - b1**t)
             inv_bc2_sqrt = torch.rsqrt(1 - b2**t)
-            decay = self.decay if lr is self.lr else 1 - lr * wd
+            decay = 1 - lr * wd if self.any_cosine else self.decay  # scheduled: decay follows the rate
         for p, g, m, v in zip(self.params, grads, self.m, self.v):
             if adam and not sgd:
                 m.lerp_(g, 1 - b1)

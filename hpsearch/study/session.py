@@ -19,7 +19,9 @@ import os
 import socket
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import optuna
 from optuna.trial import TrialState
@@ -101,6 +103,10 @@ def _identity(settings: RunSettings, space: Space) -> dict:
     return {key: space.to_dict() if key == StudyAttr.SPACE else getattr(settings, key) for key in IDENTITY}
 
 
+def _shown(value) -> str:
+    return "absent" if value is None else json.dumps(value)[:60]
+
+
 def _space_difference(old, new) -> str:
     """The first few settings in which two stored spaces differ, as `fixed.schedule: absent -> "cosine"`."""
     old, new = old if isinstance(old, dict) else {}, new if isinstance(new, dict) else {}
@@ -109,8 +115,7 @@ def _space_difference(old, new) -> str:
         a, b = old.get(part) or {}, new.get(part) or {}
         for name in sorted(set(a) | set(b)):
             if a.get(name) != b.get(name):
-                show = lambda v: "absent" if v is None else json.dumps(v)[:60]  # noqa: E731
-                diffs.append(f"{part}.{name}: {show(a.get(name))} -> {show(b.get(name))}")
+                diffs.append(f"{part}.{name}: {_shown(a.get(name))} -> {_shown(b.get(name))}")
     return "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
 
 
@@ -365,8 +370,21 @@ class StudySession:
         trial = self._trials.pop(number)
         self._beats.discard(trial._trial_id)
 
-    def _unless_taken(self, number: int) -> "_TakenGuard":
-        return _TakenGuard(self, number)
+    @contextmanager
+    def _unless_taken(self, number: int) -> Iterator[None]:
+        """Turns Optuna's "trial already finished" into `TrialTaken` when another worker failed it."""
+        try:
+            yield
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            trial = self._trials[number]
+            try:
+                taken = self.study._storage.get_trial(trial._trial_id).state.is_finished()
+            except Exception:  # noqa: BLE001
+                taken = False
+            if not taken:
+                raise
+            self._release(number)
+            raise TrialTaken(number) from None
 
     def abandon(self, reason: str, requeue: bool) -> tuple[list[int], list[int]]:
         """Fail every trial this worker holds (stop_reason `reason`), queueing their parameters again
@@ -403,26 +421,3 @@ class StudySession:
 
     def best(self) -> BestTrial | None:
         return _best(self.study)
-
-
-class _TakenGuard:
-    """Turns Optuna's "trial already finished" into `TrialTaken` when another worker failed it."""
-
-    def __init__(self, session: StudySession, number: int):
-        self.session, self.number = session, number
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind, exc, tb) -> bool:
-        if not isinstance(exc, (optuna.exceptions.UpdateFinishedTrialError, ValueError)):
-            return False
-        trial = self.session._trials[self.number]
-        try:
-            taken = self.session.study._storage.get_trial(trial._trial_id).state.is_finished()
-        except Exception:  # noqa: BLE001
-            taken = False
-        if not taken:
-            return False
-        self.session._release(self.number)
-        raise TrialTaken(self.number) from None
