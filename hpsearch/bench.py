@@ -1,12 +1,18 @@
-"""`hpsearch bench`: throughput of the ways to train the same MLP, measured in one run.
+"""`hpsearch bench`: throughput of the ways to train the same model, measured in one run.
 
-Rows (all on the same device, same dataset, same fixed MLP unless said otherwise):
+Rows (all on the same device, same dataset, same fixed model unless said otherwise; models: two
+MLPs and the seeds' CNN, 32 -> 64 channels of 3x3 convolutions, max pooling, a 128-wide head):
   seeds      the seeds' way: a torchvision-style Dataset (PIL image -> ToTensor -> Normalize per
              sample), DataLoader(batch_size=32, shuffle=True), nn.Module, torch.optim.AdamW
   eager      device-resident tensors, index-slice batches, plain nn.Module + torch.optim.AdamW
   hpsearch   hpsearch's trainer, one model (population of 1; CUDA graphs on a GPU), at the eager
              row's batch 128 and at batch 1024 (hpsearch-big)
   pop-K      hpsearch's trainer, K models of the same shape trained as one batched computation
+             (for the CNN: one grouped convolution, which the trainer only does on a GPU)
+CNN only: eager-cl (channels-last memory format), hpsearch-cl and hpsearch-nchw (the trainer with
+either format forced; `hpsearch` is its default: channels-last on a CPU) and hpsearch-1t (one
+thread: what each of `--workers 2` gets on a 2-core machine). The CNN's trainer rows time whole epochs of a
+6,000-image slice of the training split (a full epoch takes ~20 s on a 2-core CPU).
 All rows run with denormals flushed to zero (the trainer does this on CPU; without it, late-epoch
 denormals can slow a CPU step ~30x, which would flatter hpsearch against the seeds' loop).
 Units: samples/s (one sample through one model, forward + backward + update) and model-epochs/s
@@ -26,16 +32,20 @@ import torch.nn.functional as F
 
 from .data import Dataset, load_dataset
 from .errors import HPSearchError, as_user_error
-from .models import NeuralNetwork
 from .config import GROUPINGS, resolve_device
+from .models import model_from_spec
+from .specs import ModelSpec
 from .train import PopulationTrainer, TrainConfig
 
 # Two fixed MLPs: a small one like the seeds' hand-tuned models (where per-step overhead rules), and
-# the 4x512 of the speed issue (where arithmetic starts to matter).
+# the 4x512 of the speed issue (where arithmetic starts to matter); and the seeds' CNN.
 BENCH_MODELS = {
     "3x128": dict(num_layers=3, layer_size=128, activation="relu"),
     "4x512": dict(num_layers=4, layer_size=512, activation="relu"),
+    "cnn": dict(family="cnn", conv_blocks=2, channels=32, kernel_size=3, pooling="max", num_layers=2,
+                layer_size=128, activation="relu"),
 }
+CNN_TRAINER_IMAGES = 6000
 SEEDS_BATCH = 32
 EAGER_BATCH = 128
 BIG_BATCH = 1024  # the largest batch the default space samples: cheap when the data is on the device
@@ -53,10 +63,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _spec(data: Dataset, shape: dict, normalize: bool = True) -> ModelSpec:
+    h, w = data.image_shape
+    return ModelSpec.from_dict(shape, in_features=data.in_features, num_classes=data.num_classes, height=h, width=w,
+                               mean=data.mean if normalize else 0.0, std=data.std if normalize else 1.0)
+
+
 def model_flops_per_sample(data: Dataset, model: dict) -> float:
-    """Forward + backward of an MLP: ~6 FLOPs per weight per sample."""
-    w = [data.in_features] + [model["layer_size"]] * (model["num_layers"] - 1) + [data.num_classes]
-    return 6.0 * sum(a * b for a, b in zip(w[:-1], w[1:]))
+    """Forward + backward: ~6 FLOPs per weight per sample, a convolution's weights once per pixel."""
+    spec = _spec(data, model)
+    w = spec.widths
+    flops = 6.0 * sum(a * b for a, b in zip(w[:-1], w[1:]))
+    h, wd = spec.image_hw
+    for c_in, c_out in zip([1] + spec.conv_channels[:-1], spec.conv_channels):
+        flops += 6.0 * h * wd * c_in * c_out * spec.kernel_size**2
+        h, wd = h // 2, wd // 2
+    return flops
 
 
 def bench_seeds(data: Dataset, model_shape: dict, raw_images: np.ndarray, raw_labels: np.ndarray,
@@ -81,7 +103,7 @@ def bench_seeds(data: Dataset, model_shape: dict, raw_images: np.ndarray, raw_la
     device = data.train_x.device
     tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((data.mean,), (data.std,))])
     loader = DataLoader(MNISTLike(raw_images, raw_labels, tf), batch_size=SEEDS_BATCH, shuffle=True)
-    model = NeuralNetwork(**model_shape, in_features=data.in_features, num_classes=data.num_classes).to(device)
+    model = model_from_spec(_spec(data, model_shape, normalize=False)).to(device)  # ToTensor+Normalize did it
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     return _timed_loop(device, seconds, _loader_steps(loader, model, opt, device))
 
@@ -97,13 +119,15 @@ def _loader_steps(loader, model, opt, device):
             yield len(y)
 
 
-def bench_eager(data: Dataset, model_shape: dict, seconds: float, batch: int) -> _Timer:
+def bench_eager(data: Dataset, model_shape: dict, seconds: float, batch: int, channels_last: bool = False) -> _Timer:
     """Plain PyTorch on device-resident tensors: the obvious fast rewrite, one model."""
     device = data.train_x.device
-    model = NeuralNetwork(**model_shape, in_features=data.in_features, num_classes=data.num_classes,
-                          mean=data.mean, std=data.std).to(device)
+    model = model_from_spec(_spec(data, model_shape)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x_all, y_all = data.train_x, data.train_y
+    x_all, y_all = data.train_x.view(-1, 1, *data.image_shape), data.train_y
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x_all = x_all.contiguous(memory_format=torch.channels_last)
 
     def steps():
         while True:
@@ -137,7 +161,7 @@ def _timed_loop(device: torch.device, seconds: float, steps) -> _Timer:
 def bench_trainer(data: Dataset, model_shape: dict, k: int, epochs: int, batch: int,
                   precision: str = "fp32") -> _Timer:
     """hpsearch's trainer with K identical-shape members (different seeds), whole epochs."""
-    trainer = PopulationTrainer(data, precision=precision)
+    trainer = PopulationTrainer(data, precision=precision, stack_convs=True)
     for i in range(k):
         trainer.add(i, TrainConfig(**model_shape, batch_size=batch, epochs=epochs + 1, seed=i))
     trainer.run_epoch()  # warm-up epoch: group build, graph capture
@@ -217,6 +241,8 @@ class _BenchRun:
 def _model_rows(run: _BenchRun, shape: dict) -> list[dict]:
     """Every way of training one model shape, timed in turn."""
     data, n_train, rows = run.data, len(run.data.train_y), []
+    cnn = shape.get("family") == "cnn"
+    tdata = _first(data, CNN_TRAINER_IMAGES) if cnn else data  # whole epochs of a CNN are slow
 
     def add(name: str, what: str, t: _Timer, k: int = 1) -> None:
         sps = t.samples / t.seconds
@@ -229,22 +255,58 @@ def _model_rows(run: _BenchRun, shape: dict) -> list[dict]:
         bench_eager(data, shape, run.seconds, EAGER_BATCH))
     fast = "CUDA graph" if run.device.type == "cuda" else "eager on CPU"
     add("hpsearch", f"hpsearch trainer, 1 model ({fast}), batch {EAGER_BATCH}",
-        bench_trainer(data, shape, 1, run.epochs, EAGER_BATCH))
-    add("hpsearch-big", f"hpsearch trainer, 1 model ({fast}), batch {BIG_BATCH}",
-        bench_trainer(data, shape, 1, run.epochs, BIG_BATCH))
+        bench_trainer(tdata, shape, 1, run.epochs, EAGER_BATCH))
+    if cnn:
+        _cnn_rows(run, shape, tdata, add)
+    else:
+        add("hpsearch-big", f"hpsearch trainer, 1 model ({fast}), batch {BIG_BATCH}",
+            bench_trainer(data, shape, 1, run.epochs, BIG_BATCH))
     for k in run.populations:
         add(f"pop-{k}", f"hpsearch trainer, {k} models at once, batch {FAST_BATCH}",
-            bench_trainer(data, shape, k, run.epochs, FAST_BATCH), k)
+            bench_trainer(tdata, shape, k, run.epochs, FAST_BATCH), k)
     if run.device.type == "cuda":
         k = max(run.populations)
         for precision in ("tf32", "bf16"):
             add(f"pop-{k}-{precision}", f"as pop-{k}, {precision} matmuls",
-                bench_trainer(data, shape, k, run.epochs, FAST_BATCH, precision), k)
+                bench_trainer(tdata, shape, k, run.epochs, FAST_BATCH, precision), k)
     base, eager = rows[0]["samples_per_s"], rows[1]["samples_per_s"]
     for r in rows:
         r["vs_seeds"] = r["samples_per_s"] / base
         r["vs_eager"] = r["samples_per_s"] / eager
     return rows
+
+
+def _cnn_rows(run: _BenchRun, shape: dict, tdata: Dataset, add) -> None:
+    """Memory format and thread count, measured for the CNN (the MLP has no channels)."""
+    from .train.cnn import ConvGroup
+
+    add("eager-cl", "as eager, channels-last", bench_eager(run.data, shape, run.seconds, EAGER_BATCH, True))
+    for name, last in (("hpsearch-cl", True), ("hpsearch-nchw", False)):
+        ConvGroup.channels_last = last
+        try:
+            add(name, f"as hpsearch, {'channels-last' if last else 'NCHW'} forced",
+                bench_trainer(tdata, shape, 1, run.epochs, EAGER_BATCH))
+        finally:
+            ConvGroup.channels_last = None
+    if run.device.type == "cpu":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            add("hpsearch-1t", "as hpsearch, 1 thread (one of --workers 2 on 2 cores)",
+                bench_trainer(tdata, shape, 1, run.epochs, EAGER_BATCH))
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _first(data: Dataset, n: int) -> Dataset:
+    """The dataset with only its first n training images and a validation split cut in the same
+    proportion, so evaluation costs the trainer rows what it costs in a real epoch (time per
+    sample is what is measured)."""
+    from dataclasses import replace
+
+    n_val = max(1, round(len(data.val_y) * n / len(data.train_y)))
+    return replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n], val_x=data.val_x[:n_val],
+                   val_y=data.val_y[:n_val])
 
 
 def _model_result(run: _BenchRun, model_name: str) -> dict:
@@ -256,7 +318,7 @@ def _model_result(run: _BenchRun, model_name: str) -> dict:
         "model": model_name, "shape": shape, "rows": rows,
         "roofline_model_epochs_per_s": run.flops / per_sample / len(run.data.train_y),
         "model_flops_per_sample": per_sample,
-        "hpsearch_vs_seeds": rows[2]["samples_per_s"] / base,
+        "hpsearch_vs_seeds": next(r for r in rows if r["name"] == "hpsearch")["samples_per_s"] / base,
         "best_vs_seeds": max(r["vs_seeds"] for r in rows),
         "best_vs_eager": max(r["vs_eager"] for r in rows),
     }
@@ -300,7 +362,8 @@ def print_bench(results: dict, console) -> None:
     from rich.table import Table
 
     for res in results["models"]:
-        table = Table(title=f"{res['model']} MLP on {results['dataset']} ({results['train_samples']} train), "
+        kind = "CNN" if res["shape"].get("family") == "cnn" else "MLP"
+        table = Table(title=f"{res['model']} {kind} on {results['dataset']} ({results['train_samples']} train), "
                             f"{results['device']}, torch {results['torch']}")
         for col in ("way", "what", "samples/s", "model-epochs/s", "vs seeds", "vs eager"):
             table.add_column(col, justify="left" if col in ("way", "what") else "right", no_wrap=col != "what")

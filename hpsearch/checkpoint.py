@@ -3,7 +3,7 @@
 A checkpoint is a plain dict saved with `torch.save`:
 
     {"format": "hpsearch-checkpoint", "version": 1,
-     "spec": ModelSpec.to_dict(),          # architecture + input normalization
+     "spec": ModelSpec.to_dict(),          # family (mlp/cnn), architecture, input normalization
      "state_dict": {name: tensor},
      "classes": [label, ...], "image_shape": [H, W],
      "meta": {...}}                        # JSON-able: study, trial, params, accuracies, versions
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .errors import HPSearchError, first_line
-from .models import ModelSpec, NeuralNetwork
+from .models import ModelSpec, model_from_spec
 
 FORMAT = "hpsearch-checkpoint"
 VERSION = 1
@@ -62,7 +62,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     return path
 
 
-def checkpoint_dict(model: NeuralNetwork, classes: list[str] | tuple[str, ...] | None = None,
+def checkpoint_dict(model: nn.Module, classes: list[str] | tuple[str, ...] | None = None,
                     image_shape: tuple[int, int] | None = None, meta: dict | None = None) -> dict:
     spec: ModelSpec = model.spec
     if classes is None:
@@ -70,8 +70,7 @@ def checkpoint_dict(model: NeuralNetwork, classes: list[str] | tuple[str, ...] |
     if len(classes) != spec.num_classes:
         raise ValueError(f"{len(classes)} class names for a model with {spec.num_classes} outputs")
     if image_shape is None:
-        side = int(round(spec.in_features ** 0.5))
-        image_shape = (side, side) if side * side == spec.in_features else (1, spec.in_features)
+        image_shape = spec.image_hw
     meta = dict(meta or {})
     try:  # only plain data: weights_only loading accepts it, and it can go into JSON
         meta = json.loads(json.dumps(meta, allow_nan=True))
@@ -85,10 +84,10 @@ def checkpoint_dict(model: NeuralNetwork, classes: list[str] | tuple[str, ...] |
     }
 
 
-def save_checkpoint(path: str | os.PathLike, model: NeuralNetwork, *,
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, *,
                     classes: list[str] | tuple[str, ...] | None = None,
                     image_shape: tuple[int, int] | None = None, meta: dict | None = None) -> Path:
-    """Write `model` (a `NeuralNetwork`) and its spec to `path` atomically; returns the path."""
+    """Write `model` (a `NeuralNetwork` or `ConvNet`) and its spec to `path` atomically; returns the path."""
     ckpt = checkpoint_dict(model, classes, image_shape, meta)
     return atomic_write(path, lambda tmp: write_checkpoint_dict(ckpt, tmp))
 
@@ -141,10 +140,12 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> NeuralNetwork:
+def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> nn.Module:
+    """The network of either family; checkpoints from before the CNN family have no "family"
+    in their spec and rebuild as the MLP they are."""
     try:
         spec = ModelSpec.from_dict(ckpt["spec"])
-        model = NeuralNetwork.from_spec(spec)
+        model = model_from_spec(spec)
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise HPSearchError(f"{source} is a damaged hpsearch checkpoint: {first_line(exc, 160)}") from None
@@ -154,7 +155,7 @@ def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> NeuralNetwo
     return model.eval()
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[NeuralNetwork, dict]:
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """(eval-mode model, checkpoint dict) from a checkpoint file."""
     ckpt = read_checkpoint(path, map_location)
     model = model_from_checkpoint(ckpt, str(path)).to(map_location)

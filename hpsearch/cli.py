@@ -20,6 +20,7 @@ from rich.table import Table
 
 from .config import DEFAULT_STORAGE, DEFAULT_STUDY
 from .errors import HPSearchError, Interrupted, first_line
+from .specs import describe_shape
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -73,7 +74,7 @@ class RichReporter:
 
     def trial_finished(self, outcome, best, done):
         p = outcome.params
-        shape = f"{p.get('num_layers', '?')}x{p.get('layer_size', '?')} {p.get('activation', '')}"
+        shape = describe_shape(p)
         opt = f"{p.get('optimizer', '')} lr={p.get('lr', 0):.2g} wd={p.get('weight_decay', 0):.1g} bs={p.get('batch_size', '')}"
         state = "[green]complete[/]" if outcome.state == "COMPLETE" else f"[yellow]{outcome.reason or 'pruned'}[/]"
         self.progress.console.print(soft_wrap=True, *[
@@ -160,7 +161,7 @@ def run(
     storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
     dataset: str = typer.Option("fashion-mnist", help="mnist, fashion-mnist, kmnist or idx (a directory of IDX files)."),
     data_dir: Optional[str] = typer.Option(None, help="Directory with the four IDX files (raw or .gz), or where to download."),
-    space: Optional[str] = typer.Option(None, help="Search-space TOML (default studies/mlp.toml, else the packaged one)."),
+    space: Optional[str] = typer.Option(None, help="Search-space TOML, or a shipped space by name: mlp (the default) or cnn (studies/NAME.toml if present, else the packaged one)."),
     epochs: int = typer.Option(20, help="Epoch budget per trial; pruning decides how many a trial gets."),
     subset: Optional[int] = typer.Option(None, help="Use N training images (stratified) for quick CPU runs."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
@@ -239,7 +240,7 @@ def bench(
     dataset: str = typer.Option("fashion-mnist", help="Dataset to time on."),
     data_dir: Optional[str] = typer.Option(None, help="Directory with the IDX files."),
     quick: bool = typer.Option(False, help="Shorter measurements (for smoke tests)."),
-    models: str = typer.Option("3x128,4x512", help="Comma-separated bench models (3x128, 4x512)."),
+    models: str = typer.Option("3x128,4x512,cnn", help="Comma-separated bench models: 3x128, 4x512 (MLPs), cnn (the seeds' CNN)."),
     population: str = typer.Option("", help="Comma-separated population sizes K to time (default: 4 on CPU, 8,32,128 on GPU)."),
     subset: Optional[int] = typer.Option(None, help="Time on N training images instead of the whole split."),
     mixed: Optional[int] = typer.Option(None, help="Also time N mixed-shape models under each grouping policy (default: 32 on GPU, off on CPU)."),

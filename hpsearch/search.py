@@ -358,11 +358,12 @@ def run_study(settings: RunSettings, reporter: Reporter | None = None) -> RunSum
     # The data first: a typo in --data-dir or --subset must not leave a study behind.
     data = load_dataset(settings.dataset, settings.data_dir, device, settings.val_fraction,
                         settings.subset, settings.seed)
+    reporter = reporter or Reporter()
     with as_user_error():  # e.g. tf32 asked for on a CPU; before the study is touched
         trainer = PopulationTrainer(data, precision=settings.precision,
-                                    grouping=resolve_grouping(settings.grouping, device))
+                                    grouping=resolve_grouping(settings.grouping, device), note=reporter.note)
     session = StudySession(settings, space, liveness)
-    loop = SearchLoop(settings, session, trainer, reporter or Reporter(),
+    loop = SearchLoop(settings, session, trainer, reporter,
                       population=population_size(settings.population, device, settings.trials),
                       data=data, device=device_label(device))
     return loop.execute()

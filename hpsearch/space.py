@@ -13,9 +13,11 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import SpaceError
-from .specs import ACTIVATION_NAMES, OPTIMIZERS, SCHEDULES
+from .specs import (ACTIVATION_NAMES, FAMILIES, INITS, KERNEL_SIZES, MAX_CONV_BLOCKS, OPTIMIZERS, POOLINGS,
+                    SCHEDULES)
 
 DEFAULT_SPACE_PATH = Path("studies/mlp.toml")
+SHIPPED_SPACES = ("mlp", "cnn")  # hpsearch/spaces/NAME.toml; `--space cnn` finds studies/cnn.toml or this
 
 # Every parameter a space may name: its Python type and the values that make sense.
 _RULES: dict[str, tuple[type, object]] = {
@@ -30,7 +32,18 @@ _RULES: dict[str, tuple[type, object]] = {
     "momentum": (float, lambda v: 0.0 <= v < 1.0),
     "schedule": (str, set(SCHEDULES)),
     "label_smoothing": (float, lambda v: 0.0 <= v <= 0.5),
+    "init": (str, set(INITS)),
+    "augment_rotate": (float, lambda v: 0.0 <= v <= 180.0),
+    "augment_shift": (float, lambda v: 0.0 <= v <= 8.0),
+    "family": (str, set(FAMILIES)),
+    "conv_blocks": (int, lambda v: 1 <= v <= MAX_CONV_BLOCKS),
+    "channels": (int, lambda v: 1 <= v <= 1024),
+    "kernel_size": (int, set(KERNEL_SIZES)),
+    "pooling": (str, set(POOLINGS)),
+    "conv_dropout": (float, lambda v: 0.0 <= v < 1.0),
 }
+# Parameters only a CNN has: naming one in a space that can only build MLPs is a mistake.
+_CNN_ONLY = ("conv_blocks", "channels", "kernel_size", "pooling", "conv_dropout")
 _KINDS = ("int", "float", "categorical")
 
 
@@ -73,6 +86,14 @@ class Space:
     def names(self) -> list[str]:
         return [p.name for p in self.params]
 
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The model families this space can build: fixed, sampled, or the default mlp."""
+        for p in self.params:
+            if p.name == "family":
+                return tuple(p.choices)
+        return (self.fixed.get("family", "mlp"),)
+
 
 def _check_value(name: str, value, where: str):
     typ, ok = _RULES[name]
@@ -82,7 +103,7 @@ def _check_value(name: str, value, where: str):
         raise SpaceError(f"{where}: {name} must be {typ.__name__}, got {value!r}")
     valid = value in ok if isinstance(ok, set) else ok(value)
     if not valid or (isinstance(value, float) and not math.isfinite(value)):
-        allowed = f"one of {', '.join(sorted(ok))}" if isinstance(ok, set) else "in range"
+        allowed = f"one of {', '.join(map(str, sorted(ok)))}" if isinstance(ok, set) else "in range"
         raise SpaceError(f"{where}: {name} = {value!r} is not {allowed}")
     return value
 
@@ -152,7 +173,18 @@ def parse_space(text: str, source: str = "<string>") -> Space:
         if name in params_doc:
             raise SpaceError(f"{source}: {name} is both sampled and fixed")
         fixed[name] = _check_value(name, value, source)
-    return Space(params, fixed, source, _parse_starts(doc.get("start", []), params, source))
+    space = Space(params, fixed, source, _parse_starts(doc.get("start", []), params, source))
+    _check_family(space)
+    return space
+
+
+def _check_family(space: Space) -> None:
+    if "cnn" in space.families:
+        return
+    named = [n for n in _CNN_ONLY if n in space.names or n in space.fixed]
+    if named:
+        raise SpaceError(f"{space.source}: {', '.join(named)} only apply to the cnn family; "
+                         f"add family = \"cnn\" to [fixed] (see hpsearch/spaces/cnn.toml)")
 
 
 def _parse_starts(starts, params: tuple[Param, ...], source: str) -> tuple[dict, ...]:
@@ -190,13 +222,19 @@ def _check_in_param(param: Param, value, where: str):
 
 
 def load_space(path: str | Path | None = None) -> Space:
-    """Read a space file. With no path: studies/mlp.toml if present, else the packaged default."""
+    """Read a space file. With no path: studies/mlp.toml if present, else the packaged default.
+
+    A shipped space's name (`mlp`, `cnn`) stands for studies/NAME.toml if present, else the
+    packaged copy, so `--space cnn` works from any directory.
+    """
     if path is None:
-        if DEFAULT_SPACE_PATH.is_file():
-            path = DEFAULT_SPACE_PATH
-        else:
-            text = resources.files("hpsearch").joinpath("spaces/mlp.toml").read_text()
-            return parse_space(text, "hpsearch/spaces/mlp.toml")
+        path = "mlp"
+    if str(path) in SHIPPED_SPACES and not Path(path).is_file():
+        local = DEFAULT_SPACE_PATH.with_name(f"{path}.toml")
+        if not local.is_file():
+            text = resources.files("hpsearch").joinpath(f"spaces/{path}.toml").read_text()
+            return parse_space(text, f"hpsearch/spaces/{path}.toml")
+        path = local
     path = Path(path)
     try:
         text = path.read_text()

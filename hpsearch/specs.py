@@ -1,6 +1,7 @@
 """Plain, JSON-able descriptions of a network and of a training run; no torch here.
 
-`Architecture` holds the four fields a model and a trial share. `ModelSpec` adds what the data
+`Architecture` holds the fields a model and a trial share: the family (`mlp`, the seeds'
+flexible MLP, or `cnn`, their small convolutional network) and its shape. `ModelSpec` adds what the data
 fixes (input size, classes, normalization) and rebuilds a network from a checkpoint;
 `TrainConfig` adds how one trial trains. Parsing a space file or a study's settings needs only
 these, so neither loads PyTorch.
@@ -13,10 +14,22 @@ from dataclasses import asdict, dataclass, fields
 
 ACTIVATION_NAMES = ("relu", "sigmoid", "tanh", "leaky_relu")
 OPTIMIZERS = ("adamw", "sgd")
+FAMILIES = ("mlp", "cnn")
+POOLINGS = ("max", "avg")
+KERNEL_SIZES = (3, 5, 7)
+MAX_CONV_BLOCKS = 4
+# default: PyTorch's (every weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in))). normal: the
+# seeds' CNN script: Linear weights N(0, 1/sqrt(fan_in)), Linear biases zero, convolutions default.
+INITS = ("default", "normal")
 # constant: the learning rate as given. cosine: linear warm-up over the first 5% of the trial's
 # steps, then cosine decay towards zero (reached one step past the last, as torch's LambdaLR
 # with the same function; see `lr_factor`).
 SCHEDULES = ("constant", "cosine")
+
+
+def _one_of(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, allowed))}")
 
 
 def _known_fields(cls, values: dict) -> dict:
@@ -26,26 +39,54 @@ def _known_fields(cls, values: dict) -> dict:
 
 @dataclass(frozen=True)
 class Architecture:
-    """The seeds' MLP: `num_layers` Linear layers *including* the output one (2 = one hidden layer),
-    each hidden layer `layer_size` wide with the same activation, optionally followed by dropout."""
+    """A network's shape.
+
+    mlp (the seeds' MLP): `num_layers` Linear layers *including* the output one (2 = one hidden
+    layer), each hidden layer `layer_size` wide with the same activation, optionally followed by
+    dropout.
+    cnn (the seeds' CNN): `conv_blocks` blocks of convolution (`kernel_size`, "same" padding;
+    `channels` in the first block, doubling in each next one, as the seeds' 32 -> 64), activation,
+    2x2 pooling and dropout (`conv_dropout`), then the MLP head above on the flattened features.
+    """
 
     num_layers: int = 3
     layer_size: int = 128
     activation: str = "relu"
     dropout: float = 0.0
+    family: str = "mlp"
+    conv_blocks: int = 2
+    channels: int = 32
+    kernel_size: int = 3
+    pooling: str = "max"
+    conv_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
         if self.layer_size < 1:
             raise ValueError(f"layer_size must be >= 1, got {self.layer_size}")
-        if self.activation not in ACTIVATION_NAMES:
-            raise ValueError(f"unknown activation {self.activation!r}; choose one of {', '.join(ACTIVATION_NAMES)}")
+        _one_of("activation", self.activation, ACTIVATION_NAMES)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        _one_of("family", self.family, FAMILIES)
+        if not 1 <= self.conv_blocks <= MAX_CONV_BLOCKS:
+            raise ValueError(f"conv_blocks must be in [1, {MAX_CONV_BLOCKS}], got {self.conv_blocks}")
+        if self.channels < 1:
+            raise ValueError(f"channels must be >= 1, got {self.channels}")
+        _one_of("kernel_size", self.kernel_size, KERNEL_SIZES)
+        _one_of("pooling", self.pooling, POOLINGS)
+        if not 0.0 <= self.conv_dropout < 1.0:
+            raise ValueError(f"conv_dropout must be in [0, 1), got {self.conv_dropout}")
+
+    @property
+    def conv_channels(self) -> list[int]:
+        """Output channels of each convolution block (empty for an MLP)."""
+        if self.family != "cnn":
+            return []
+        return [self.channels * 2**b for b in range(self.conv_blocks)]
 
     def architecture(self) -> Architecture:
-        return Architecture(self.num_layers, self.layer_size, self.activation, self.dropout)
+        return Architecture.from_dict(asdict(self))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,15 +105,49 @@ class ModelSpec(Architecture):
     num_classes: int = 10
     mean: float = 0.0  # input normalization, taken from the training split
     std: float = 1.0
+    # The image's height and width (a CNN needs them); 0 = square, from in_features (MLP
+    # checkpoints written before the CNN family have neither).
+    height: int = 0
+    width: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        h, w = self.image_hw
+        if h * w != self.in_features:
+            raise ValueError(f"image {h}x{w} does not have in_features={self.in_features} pixels")
+        if self.family == "cnn" and min(self.feature_hw) < 1:
+            raise ValueError(f"{self.conv_blocks} pooling steps leave nothing of a {h}x{w} image")
+
+    @property
+    def image_hw(self) -> tuple[int, int]:
+        if self.height and self.width:
+            return self.height, self.width
+        side = int(round(self.in_features ** 0.5))
+        return (side, side) if side * side == self.in_features else (1, self.in_features)
+
+    @property
+    def feature_hw(self) -> tuple[int, int]:
+        """Spatial size after the convolution blocks (each 2x2 pooling floors the size)."""
+        h, w = self.image_hw
+        for _ in self.conv_channels:
+            h, w = h // 2, w // 2
+        return h, w
 
     @property
     def widths(self) -> list[int]:
-        """Feature counts from input to output: len == num_layers + 1."""
-        return [self.in_features] + [self.layer_size] * (self.num_layers - 1) + [self.num_classes]
+        """Feature counts of the Linear layers, input to output: len == num_layers + 1."""
+        first = self.in_features
+        if self.family == "cnn":
+            h, w = self.feature_hw
+            first = self.conv_channels[-1] * h * w
+        return [first] + [self.layer_size] * (self.num_layers - 1) + [self.num_classes]
 
     def param_count(self) -> int:
         w = self.widths
-        return sum(a * b + b for a, b in zip(w[:-1], w[1:]))
+        linear = sum(a * b + b for a, b in zip(w[:-1], w[1:]))
+        fans = [1] + self.conv_channels
+        conv = sum(a * b * self.kernel_size**2 + b for a, b in zip(fans[:-1], fans[1:]))
+        return linear + conv
 
 
 @dataclass(frozen=True)
@@ -90,26 +165,38 @@ class TrainConfig(Architecture):
     # reproduce; the shipped space fixes the measured better recipe (see studies/mlp.toml).
     schedule: str = "constant"
     label_smoothing: float = 0.0
+    init: str = "default"
+    # Augmentation of the training images, on the device, per member: a random rotation within
+    # +-augment_rotate degrees and a random shift within +-augment_shift pixels (0 = none).
+    augment_rotate: float = 0.0
+    augment_shift: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
         if self.lr <= 0 or self.weight_decay < 0 or self.batch_size < 1 or self.epochs < 1:
             raise ValueError(f"invalid training config {self}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        _one_of("schedule", self.schedule, SCHEDULES)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        _one_of("init", self.init, INITS)
+        if not 0.0 <= self.augment_rotate <= 180.0 or not 0.0 <= self.augment_shift:
+            raise ValueError(f"augmentation out of range: rotate {self.augment_rotate}, shift {self.augment_shift}")
+
+    @property
+    def augments(self) -> bool:
+        return self.augment_rotate > 0 or self.augment_shift > 0
 
     @classmethod
     def from_params(cls, params: dict, **overrides) -> "TrainConfig":
         return cls.from_dict(params, **overrides)
 
     def model_spec(self, data) -> ModelSpec:
-        """The network this config trains on `data` (anything with in_features, num_classes, mean, std)."""
-        return ModelSpec(self.num_layers, self.layer_size, self.activation, self.dropout,
-                         data.in_features, data.num_classes, data.mean, data.std)
+        """The network this config trains on `data` (with image_shape, in_features, num_classes, mean, std)."""
+        height, width = data.image_shape
+        return ModelSpec.from_dict(self.architecture().to_dict(), in_features=data.in_features,
+                                   num_classes=data.num_classes, mean=data.mean, std=data.std,
+                                   height=height, width=width)
 
 
 def warmup_steps(total_steps: int) -> int:
@@ -129,3 +216,14 @@ def lr_factor(step: int, total_steps: int, schedule: str) -> float:
     if step < warm:
         return (step + 1) / warm
     return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, total_steps - warm)))
+
+
+def describe_shape(params: dict) -> str:
+    """A network's shape in a few characters, from a trial's params or a config's dict:
+    "2x128 relu" (MLP layers x width) or "cnn 2x32c k3 max + 2x128 relu"."""
+    head = f"{params.get('num_layers', '?')}x{params.get('layer_size', '?')} {params.get('activation', '')}".strip()
+    if params.get("family") != "cnn" and "conv_blocks" not in params:
+        return head
+    conv = (f"cnn {params.get('conv_blocks', '?')}x{params.get('channels', '?')}c k{params.get('kernel_size', '?')} "
+            f"{params.get('pooling', '')}").strip()
+    return f"{conv} + {head}"

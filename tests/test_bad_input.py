@@ -372,9 +372,9 @@ def test_full_disk_during_a_run_and_while_writing_a_checkpoint(world, tmp_path):
         import glob, os, sys
         from hpsearch.checkpoint import load_model, save_checkpoint
         from hpsearch.models import ModelSpec, NeuralNetwork
-        small = NeuralNetwork.from_spec(ModelSpec(2, 8, "relu", 0.0, 784, 10, 0.0, 1.0))
+        small = NeuralNetwork.from_spec(ModelSpec(num_layers=2, layer_size=8))
         save_checkpoint("{disk}/model.pt", small)
-        big = NeuralNetwork.from_spec(ModelSpec(3, 512, "relu", 0.0, 784, 10, 0.0, 1.0))
+        big = NeuralNetwork.from_spec(ModelSpec(num_layers=3, layer_size=512))
         try:
             save_checkpoint("{disk}/model.pt", big)
             print("saved?!")

@@ -39,3 +39,17 @@ def test_bench_times_mixed_shapes_under_each_grouping(fashion_dir):
     assert rows["batch"]["groups"] == 1 and rows["shape"]["groups"] == 3
     assert rows["shape"]["useful_flop_share"] == 1.0 and rows["batch"]["useful_flop_share"] < 1.0
     assert all(g["model_epochs_per_s"] > 0 for g in rows.values())
+
+
+def test_bench_cnn_rows(fashion_dir):
+    res = run_bench(device="cpu", models=("cnn",), populations=(2,), seconds=0.3, subset=1000)
+    (model,) = res["models"]
+    names = [r["name"] for r in model["rows"]]
+    assert names == ["seeds", "eager", "hpsearch", "eager-cl", "hpsearch-cl", "hpsearch-nchw", "hpsearch-1t", "pop-2"]
+    assert all(r["samples_per_s"] > 0 for r in model["rows"])
+    # a convolution's FLOPs count once per pixel: the seeds' CNN costs far more per image than 3x128
+    from hpsearch.bench import BENCH_MODELS, model_flops_per_sample
+    from hpsearch.data import load_dataset
+
+    data = load_dataset("fashion-mnist", fashion_dir, "cpu", subset=1000)
+    assert model["model_flops_per_sample"] > 20 * model_flops_per_sample(data, BENCH_MODELS["3x128"])

@@ -15,15 +15,24 @@ from hpsearch.errors import HPSearchError
 from conftest import assert_one_line_error, cli
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, fashion_dir):
+# One small model of each family: every test below runs against an MLP and a CNN checkpoint.
+FAMILY_CONFIGS = {
+    "mlp": dict(num_layers=2, layer_size=128, lr=2e-3, batch_size=128, epochs=3, seed=0),
+    "cnn": dict(family="cnn", conv_blocks=2, channels=8, num_layers=2, layer_size=64, conv_dropout=0.1,
+                lr=3e-3, batch_size=128, epochs=2, seed=0, init="normal"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILY_CONFIGS))
+def trained(request, tmp_path_factory, fashion_dir):
     """A model that is right on ~85% of the test split, saved as a checkpoint."""
     from hpsearch import TrainConfig, load_dataset, train_one
     from hpsearch.checkpoint import save_checkpoint
 
     data = load_dataset("fashion-mnist", fashion_dir, "cpu", subset=10000, seed=0)
-    result = train_one(TrainConfig(num_layers=2, layer_size=128, lr=2e-3, batch_size=128, epochs=3, seed=0), data)
-    tmp = tmp_path_factory.mktemp("export")
+    result = train_one(TrainConfig(**FAMILY_CONFIGS[request.param]), data)
+    assert result.model.spec.family == request.param
+    tmp = tmp_path_factory.mktemp(f"export-{request.param}")
     path = save_checkpoint(tmp / "model.pt", result.model, classes=data.classes, image_shape=data.image_shape,
                            meta={"dataset": data.name, "note": "test"})
     with torch.no_grad():

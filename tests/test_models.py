@@ -31,7 +31,7 @@ def test_normalization_lives_inside_the_model():
 
 
 def test_spec_round_trips_and_validates():
-    spec = ModelSpec(3, 32, "tanh", 0.1, 784, 10, 0.2, 0.3)
+    spec = ModelSpec(num_layers=3, layer_size=32, activation="tanh", dropout=0.1, mean=0.2, std=0.3)
     assert ModelSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError):
         ModelSpec(activation="gelu")

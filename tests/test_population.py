@@ -84,7 +84,7 @@ def test_removed_member_leaves_others_untouched(fashion_small):
 
 def test_grouping_policies_train_members_identically(fashion_small):
     """Padding into few groups or training exact shapes apart: the same numbers for every member."""
-    from hpsearch.train import GROUPINGS
+    from hpsearch.config import GROUPINGS
 
     configs = {k: c for k, c in MIXED.items() if c.batch_size == 128}
     results = {}

@@ -157,7 +157,7 @@ class Clock:
         self.now += seconds
 
 
-DATA = SimpleNamespace(num_classes=10, in_features=784, mean=0.0, std=1.0, train_y=list(range(100)),
+DATA = SimpleNamespace(num_classes=10, in_features=784, image_shape=(28, 28), mean=0.0, std=1.0, train_y=list(range(100)),
                        describe=lambda: {"train": 100})
 
 

@@ -22,13 +22,18 @@ def test_shipped_default_space():
     assert "epochs" not in by_name  # the budget is not sampled
 
 
-def test_packaged_copy_matches_repo_copy():
-    assert (REPO / "studies" / "mlp.toml").read_text() == (REPO / "hpsearch" / "spaces" / "mlp.toml").read_text()
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_packaged_copy_matches_repo_copy(name):
+    assert (REPO / "studies" / f"{name}.toml").read_text() == (REPO / "hpsearch" / "spaces" / f"{name}.toml").read_text()
 
 
 def test_packaged_default_when_no_local_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert len(load_space().params) == 8
+    assert load_space("cnn").source == "hpsearch/spaces/cnn.toml"  # a shipped space by name, from anywhere
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "cnn.toml").write_text((REPO / "studies" / "cnn.toml").read_text())
+    assert load_space("cnn").source == "studies/cnn.toml"  # a local copy wins, as for mlp.toml
 
 
 @pytest.mark.parametrize("text,match", [

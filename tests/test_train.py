@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hpsearch.train import PopulationTrainer, TrainConfig, _init_member, permutations, train_one
+from hpsearch.train import PopulationTrainer, TrainConfig, init_member, permutations, train_one
 
 
 def test_trainer_learns_real_fashion_mnist(fashion_small):
@@ -57,7 +57,7 @@ def test_batched_optimizer_matches_torch_optim(fashion_small, optimizer, schedul
 
     ref = NeuralNetwork.from_spec(spec).double()
     with torch.no_grad():
-        for linear, (w, b) in zip(ref.linears(), _init_member(config, spec)):
+        for linear, (w, b) in zip(ref.linears(), init_member(config, spec)):
             linear.weight.copy_(w.t())
             linear.bias.copy_(b)
     if optimizer == "adamw":

@@ -23,7 +23,7 @@ from ..checkpoint import save_checkpoint
 from ..config import resolve_device
 from ..data import Dataset, load_dataset
 from ..errors import HPSearchError, as_user_error, first_line
-from ..specs import TrainConfig
+from ..specs import TrainConfig, describe_shape
 from ..study import OPTUNA_VERSION
 from ..study.schema import StudyAttr, TrialAttr
 from ..study.storage import redact
@@ -149,7 +149,7 @@ def _train(view: StudyView, device: str, data_dir: str | None, log: Log) -> _Run
         dev = resolve_device(device)
     config = retrain_config(view)
     data = retrain_data(view, dev, data_dir, log)
-    log(f"retraining trial {view.best.number} ({config.num_layers}x{config.layer_size} {config.activation}, "
+    log(f"retraining trial {view.best.number} ({describe_shape(config.to_dict())}, "
         f"{config.optimizer}) for {config.epochs} epochs on {len(data.train_y)} training images ({dev})")
     start = time.perf_counter()
     result = train_one(config, data)

@@ -28,6 +28,7 @@ class StudyAttr:
     DATASET_INFO = "dataset_info"
     SAMPLER = "sampler"  # of the latest run (tpe, random, gp)
     PRUNER = "pruner"  # of the latest run
+    FAMILY = "family"  # the model family the space builds: mlp, cnn, or mlp|cnn when sampled
 
 
 # What a study measures: a resumed run must keep these (the CLI flag is `--` + name with dashes).

@@ -134,9 +134,10 @@ def _check_identity(settings: RunSettings, existing: dict, identity: dict) -> No
             f"or pick a new --study")
 
 
-def _write_identity(study: optuna.Study, settings: RunSettings, identity: dict) -> None:
+def _write_identity(study: optuna.Study, settings: RunSettings, space: Space, identity: dict) -> None:
     for key, value in identity.items():
         study.set_user_attr(key, value)
+    study.set_user_attr(StudyAttr.FAMILY, "|".join(space.families))
     study.set_user_attr(StudyAttr.DATA_DIR, settings.data_dir)
     study.set_user_attr(StudyAttr.VERSION, __version__)
     study.set_user_attr(StudyAttr.CREATED, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
@@ -192,7 +193,7 @@ def open_study(settings: RunSettings, space: Space, liveness: Liveness | None = 
             if StudyAttr.DATASET in existing and study._storage.get_n_trials(study._study_id) > 0:
                 _check_identity(settings, existing, identity)
             else:
-                _write_identity(study, settings, identity)
+                _write_identity(study, settings, space, identity)
                 if not lock.exclusive:  # two different commands racing on a server: one of them loses
                     _check_identity(settings, study._storage.get_study_user_attrs(study._study_id), identity)
                 if settings.start:

@@ -156,6 +156,7 @@ def study_summary(view: StudyView) -> dict:
         "storage": redact(view.url),
         "dataset": attrs.get(StudyAttr.DATASET),
         "dataset_info": attrs.get(StudyAttr.DATASET_INFO),
+        "family": attrs.get(StudyAttr.FAMILY, "mlp"),
         "subset": attrs.get(StudyAttr.SUBSET),
         "val_fraction": attrs.get(StudyAttr.VAL_FRACTION),
         "epochs": attrs.get(StudyAttr.EPOCHS),
