@@ -13,7 +13,7 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import optuna
 
@@ -27,6 +27,7 @@ from ..errors import HPSearchError, first_line
 if TYPE_CHECKING:
     from .liveness import Liveness
 
+T = TypeVar("T")
 # SQLite: how long a connection waits for another process's write lock before "database is locked".
 SQLITE_TIMEOUT_S = 60
 
@@ -116,18 +117,25 @@ class StudyLock:
             os.close(fd)  # releases the flock
 
 
-def _retry_storage_init(make: Callable[[], optuna.storages.BaseStorage]) -> optuna.storages.BaseStorage:
-    # Workers starting at the same moment on a fresh server database race to create Optuna's
-    # tables ("already exists"); the loser just tries again. (File storages are created under the
-    # StudyLock instead.)
-    for attempt in range(4):
+def _retry_racing_init(make: Callable[[], T]) -> T:
+    """`make()`, tried again when it lost a race with another process opening the same storage.
+
+    Workers starting at the same moment on a fresh server database race to create Optuna's
+    tables ("already exists"). On SQLite the creation runs under the StudyLock, but workers that
+    are already training write without it, and SQLite answers a read transaction that must become
+    a write one with an immediate "database is locked" (its busy timeout does not apply there):
+    the 4-worker test (tests/test_reliability.py) failed that way in a fresh-clone CI run. The
+    loser waits and tries again.
+    """
+    attempts = 6
+    for attempt in range(attempts):
         try:
             return make()
         except Exception as exc:  # noqa: BLE001
             text = str(exc).lower()
-            if attempt == 3 or not ("already exists" in text or "duplicate" in text or "locked" in text):
+            if attempt == attempts - 1 or not ("already exists" in text or "duplicate" in text or "locked" in text):
                 raise
-            time.sleep(0.2 * (attempt + 1))
+            time.sleep(0.25 * 2**attempt)  # 0.25 s ... 4 s: ~8 s in all
     raise AssertionError("unreachable")
 
 
@@ -206,9 +214,9 @@ def open_storage(url: str, liveness: Liveness | None = None) -> optuna.storages.
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     if liveness is not None:
-                        wal = _sqlite_wal(path)
-                storage = optuna.storages.RDBStorage(
-                    url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}}, **heartbeat)
+                        wal = _retry_racing_init(lambda: _sqlite_wal(path))
+                storage = _retry_racing_init(lambda: optuna.storages.RDBStorage(
+                    url, engine_kwargs={"connect_args": {"timeout": SQLITE_TIMEOUT_S}}, **heartbeat))
                 if wal:
                     _sync_at_checkpoints(storage.engine)
                 return storage
@@ -222,7 +230,7 @@ def open_storage(url: str, liveness: Liveness | None = None) -> optuna.storages.
             if url.startswith(("postgresql", "mysql")):
                 # An unreachable server fails in seconds, not after the TCP timeout.
                 engine_kwargs = {"connect_args": {"connect_timeout": 10}}
-            return _retry_storage_init(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat))
+            return _retry_racing_init(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat))
     except HPSearchError:
         raise
     except OSError as exc:
