@@ -155,6 +155,7 @@ def _watch_parent(parent_pid: int) -> None:
 
 @app.command()
 def run(
+    ctx: typer.Context,
     trials: int = typer.Option(20, "--trials", "-n", help="Finished trials the study should hold (re-running continues up to this)."),
     timeout: Optional[float] = typer.Option(None, help="Stop asking for trials after this many seconds."),
     study: str = typer.Option(DEFAULT_STUDY, help="Study name."),
@@ -185,7 +186,7 @@ def run(
     settings = RunSettings(trials=trials, timeout=timeout, study=study, storage=storage, dataset=dataset,
                            data_dir=data_dir, space=space, epochs=epochs, subset=subset, device=device,
                            seed=seed, pruner=pruner, sampler=sampler, population=population, val_fraction=val_fraction,
-                           precision=precision, grouping=grouping, start=start)
+                           precision=precision, grouping=grouping, start=start, given=_given(ctx, IDENTITY_FLAGS))
     n = resolve_workers(workers, device)
     if n == 1:
         run_study(settings, RichReporter())
@@ -194,6 +195,18 @@ def run(
                        echo_err=lambda line: err_console.print(line, markup=False, soft_wrap=True))
     if code:
         raise typer.Exit(code)
+
+
+# What a study measures; left out on the command line, they come from an existing study.
+IDENTITY_FLAGS = ("dataset", "subset", "val_fraction", "epochs", "seed", "space")
+
+
+def _given(ctx: typer.Context, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The options of `names` set on the command line (or through the environment), not defaulted.
+
+    By the source's name: click's ParameterSource lives in click or in typer's vendored copy."""
+    sources = {n: ctx.get_parameter_source(n) for n in names}
+    return tuple(n for n, source in sources.items() if source is not None and source.name != "DEFAULT")
 
 
 @app.command(hidden=True)

@@ -82,6 +82,10 @@ class RunSettings:
     precision: str = "fp32"  # not part of the study's identity: it changes speed, not what is measured
     grouping: str = "auto"
     start: bool = True  # a new study runs the space's [[start]] configurations first
+    # Which of the study-identity settings (dataset, subset, val_fraction, epochs, seed, space) the
+    # user set. Those not set are taken from an existing study (`hpsearch run --study s --trials
+    # 50` continues s as it was made). None: all set (the strict library default).
+    given: tuple[str, ...] | None = None
 
     def validate(self) -> None:
         """One line naming the flag for the first bad value."""
@@ -97,6 +101,8 @@ class RunSettings:
             raise HPSearchError(f"--trials must be at least 1, got {self.trials}")
         if self.epochs < 1:
             raise HPSearchError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.subset is not None and self.subset < 20:  # the upper bound needs the data: data.py checks it
+            raise HPSearchError(f"--subset must be between 20 and the number of training images, got {self.subset}")
         if self.timeout is not None and not self.timeout > 0:
             raise HPSearchError(f"--timeout must be positive, got {self.timeout}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -115,6 +121,8 @@ class RunSettings:
         values = json.loads(text)
         if not isinstance(values, dict) or set(values) - known:
             raise HPSearchError("worker settings are not a RunSettings JSON object")
+        if values.get("given") is not None:
+            values["given"] = tuple(values["given"])
         return cls(**values)
 
 

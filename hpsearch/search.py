@@ -26,9 +26,8 @@ from . import __version__
 from .config import RunSettings, device_label, population_size, resolve_device, resolve_grouping
 from .data import Dataset, load_dataset
 from .errors import HPSearchError, Interrupted, as_user_error
-from .space import load_space
 from .specs import TrainConfig
-from .study import (COMPLETED, OPTUNA_VERSION, AskedTrial, StudySession, TrialRecord, TrialTaken,
+from .study import (COMPLETED, OPTUNA_VERSION, AskedTrial, StudySession, TrialRecord, TrialTaken, continue_settings,
                     liveness_settings, redact)
 from .train import TRAINER_VERSION, EpochResult, PopulationTrainer
 
@@ -351,7 +350,7 @@ def run_study(settings: RunSettings, reporter: Reporter | None = None) -> RunSum
     exception propagates; storage failures become an HPSearchError.
     """
     settings.validate()
-    space = load_space(settings.space)
+    settings, space = continue_settings(settings)  # flags left out: the existing study's values
     with as_user_error():
         device = resolve_device(settings.device)
     liveness = liveness_settings()

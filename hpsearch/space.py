@@ -187,6 +187,15 @@ def _check_family(space: Space) -> None:
                          f"add family = \"cnn\" to [fixed] (see hpsearch/spaces/cnn.toml)")
 
 
+def space_from_dict(stored: dict, source: str) -> Space:
+    """The space a study stored (`Space.to_dict()`), to continue it without its file; no starts."""
+    if not isinstance(stored, dict) or not isinstance(stored.get("params"), dict):
+        raise SpaceError(f"{source}: the stored search space is damaged; rerun with --space FILE")
+    params = tuple(_parse_param(name, spec, source) for name, spec in stored["params"].items())
+    fixed = {name: _check_value(name, value, source) for name, value in (stored.get("fixed") or {}).items()}
+    return Space(params, fixed, source)
+
+
 def _parse_starts(starts, params: tuple[Param, ...], source: str) -> tuple[dict, ...]:
     """[[start]] tables: each sets every sampled parameter to a value inside its range or choices."""
     if not isinstance(starts, list) or not all(isinstance(s, dict) for s in starts):

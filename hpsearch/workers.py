@@ -21,8 +21,7 @@ from typing import Callable
 from .config import RunSettings, worker_devices
 from .data import load_dataset
 from .errors import HPSearchError, Interrupted
-from .space import load_space
-from .study import StudySession, error_line, read_outcome, storage_file
+from .study import StudySession, continue_settings, error_line, read_outcome, storage_file
 
 Echo = Callable[[str], None]
 
@@ -38,7 +37,7 @@ def _check_before_starting(settings: RunSettings) -> None:
     if storage_file(settings.storage) is None and settings.storage.startswith("sqlite"):
         raise HPSearchError("--workers needs a storage every process can open: an in-memory SQLite "
                             "database is private to one process; use a file (sqlite:///studies/x.db)")
-    space = load_space(settings.space)
+    settings, space = continue_settings(settings)  # each worker resolves the same again in run_study
     # The data before the study (as run_study does): a bad --subset must not leave a study behind.
     load_dataset(settings.dataset, settings.data_dir, "cpu", settings.val_fraction, settings.subset,
                  settings.seed)  # fails here, once, on bad data; downloads once if needed

@@ -197,7 +197,7 @@ FLAG_CASES = {
     "server without driver": ({"storage": "postgresql://me:s3cret@127.0.0.1:1/db"}, "no database driver for postgresql"),
     "storage under /proc": ({"storage": "sqlite:////proc/hpsearch-none/x.db"}, "cannot write in /proc/hpsearch-none"),
     "journal without file": ({"storage": "journal:"}, "names no file"),
-    "study measures something else": ({"epochs": 5}, "was created with epochs = 2, not 5"),
+    "study measures something else": ({"epochs": 5}, "was created with --epochs 2;"),
 }
 
 
@@ -237,7 +237,7 @@ def test_debug_shows_the_traceback_and_bugs_are_one_line_without_it(world, capsy
     def boom(*args, **kwargs):
         raise RuntimeError("something inside broke\nsecond line")
 
-    monkeypatch.setattr(search, "load_space", boom)
+    monkeypatch.setattr(search, "continue_settings", boom)
     code, _, err = cli(capsys, *run_args(world))
     assert_one_line(code, err, "unexpected RuntimeError: something inside broke (rerun with --debug")
     assert code == 1

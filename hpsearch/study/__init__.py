@@ -4,6 +4,7 @@
     schema.py    every study/trial attribute name, written and read through one definition
     liveness.py  heartbeats, stale trials, retries
     session.py   what the run loop needs: ask, report, prune, finish, abandon, recover, counts
+    continuing.py  continuing a study by name: its identity settings come from the study
     view.py      what report/export/predict/dashboard need: studies, trials, best, artifacts
     charts.py    Optuna's own charts and parameter importances
 """
@@ -15,6 +16,7 @@ from optuna import __version__ as OPTUNA_VERSION
 from ..config import cli_debug as _cli_debug
 from .logs import configure_optuna_logging
 
+from .continuing import continue_settings
 from .session import AskedTrial, BestTrial, StudyCounts, StudySession, TrialTaken, make_pruner, open_study, read_outcome
 from .view import (ARTIFACT_PREFIX, CHECKPOINT_NAME, StudyView, best_complete_trial, dashboard_app,
                    find_study_checkpoint, list_studies, open_view, resolve_study, store_artifact, study_summary,
@@ -24,7 +26,7 @@ from .storage import (StudyLock, artifact_dir, error_line, is_storage_error, ope
 
 __all__ = [
     "AskedTrial", "BestTrial", "COMPLETED", "OPTUNA_VERSION", "Heartbeat", "IDENTITY", "Liveness", "StudyAttr", "StudyCounts", "StudyLock", "StudySession",
-    "TrialAttr", "TrialRecord", "TrialRow", "TrialTaken", "artifact_dir", "enqueue_retry", "error_line",
+    "TrialAttr", "TrialRecord", "TrialRow", "TrialTaken", "artifact_dir", "continue_settings", "enqueue_retry", "error_line",
     "is_storage_error", "liveness_settings", "make_pruner", "open_existing_storage", "open_storage", "open_study",
     "read_outcome", "recover_trials", "redact", "stale_trials", "storage_file",
     "ARTIFACT_PREFIX", "CHECKPOINT_NAME", "StudyView", "best_complete_trial", "dashboard_app",

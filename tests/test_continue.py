@@ -1,0 +1,56 @@
+"""Continuing a study by its name: flags left out come from the study; differing ones are refused
+in one line, in flag syntax."""
+
+import optuna
+import pytest
+
+from conftest import assert_one_line_error, cli
+
+
+@pytest.fixture()
+def args(fashion_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path}/s.db"
+    return ["--storage", storage, "--data-dir", str(fashion_dir), "--device", "cpu"], storage
+
+
+def _finished(storage, name):
+    study = optuna.load_study(study_name=name, storage=storage)
+    return [t for t in study.trials if t.state.is_finished()]
+
+
+def test_continuing_needs_only_the_name_and_the_new_target(args, monkeypatch, capsys):
+    common, storage = args
+    code, _, err = cli(["run", "--study", "s", "--trials", "3", "--epochs", "2", "--subset", "2000", *common],
+                       monkeypatch, capsys)
+    assert code in (0, None), err
+    code, _, err = cli(["run", "--study", "s", "--trials", "5", *common], monkeypatch, capsys)
+    assert code in (0, None), err
+    trials = _finished(storage, "s")
+    assert len(trials) == 5 and max(t.user_attrs["epochs_run"] for t in trials) <= 2
+    code, _, err = cli(["run", "--study", "s", "--trials", "6", "--epochs", "3", *common], monkeypatch, capsys)
+    assert_one_line_error(code, err, "study 's' was created with --epochs 2;", "leave those flags out")
+    code, _, err = cli(["run", "--study", "s", "--trials", "6", "--epochs", "3", "--subset", "1000", "--seed", "0",
+                        *common], monkeypatch, capsys)
+    assert_one_line_error(code, err, "--subset 2000, --epochs 2;")  # every difference at once; --seed 0 agrees
+    code, _, err = cli(["run", "--study", "s", "--trials", "6", "--space", "cnn", *common], monkeypatch, capsys)
+    assert_one_line_error(code, err, "the search space stored in the study (not hpsearch/spaces/cnn.toml)")
+    assert len(_finished(storage, "s")) == 5  # nothing ran
+
+
+def test_a_cnn_study_continues_with_its_stored_space(args, monkeypatch, capsys):
+    common, storage = args
+    code, _, err = cli(["run", "--study", "c", "--space", "cnn", "--trials", "2", "--epochs", "1", "--subset", "600",
+                        "--no-start", *common], monkeypatch, capsys)
+    assert code in (0, None), err
+    code, _, err = cli(["run", "--study", "c", "--trials", "3", *common], monkeypatch, capsys)
+    assert code in (0, None), err
+    trials = _finished(storage, "c")
+    assert len(trials) == 3 and all("conv_blocks" in t.params for t in trials)
+
+
+def test_the_cli_names_the_identity_the_study_keeps():
+    from hpsearch.cli import IDENTITY_FLAGS
+    from hpsearch.study import IDENTITY
+
+    assert set(IDENTITY_FLAGS) == set(IDENTITY)
