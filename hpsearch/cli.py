@@ -24,6 +24,7 @@ from .specs import describe_shape
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Hyperparameter search for MNIST-style image classifiers (Optuna + PyTorch).",
 )
 console = Console(stderr=False, highlight=False)
@@ -33,8 +34,18 @@ _DEBUG = {"on": False}
 STORAGE_HELP = "Optuna storage URL (sqlite:///path.db, postgresql://..., journal:path.log)."
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        console.print(f"hpsearch {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+          version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print hpsearch's version and exit.")) -> None:
     _DEBUG["on"] = debug
     from .config import set_cli_debug
 
@@ -61,7 +72,11 @@ class RichReporter:
             f"[bold]study[/] {settings.study}  [bold]storage[/] {redact(settings.storage)}  "
             f"[bold]data[/] {data.name} ({len(data.train_y)} train / {len(data.val_y)} val, {data.source})  "
             f"[bold]device[/] {data.train_x.device}  [bold]population[/] {population}")
-        if already:
+        if already >= settings.trials:
+            console.print(f"study {settings.study} already holds {already} finished trials (--trials {settings.trials}): "
+                          f"nothing to do; to run more, raise the target, e.g. --trials {already + settings.trials}",
+                          soft_wrap=True)
+        elif already:
             console.print(f"continuing: {already} of {settings.trials} trials already finished")
         self.progress = Progress(
             TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -54,3 +54,22 @@ def test_the_cli_names_the_identity_the_study_keeps():
     from hpsearch.study import IDENTITY
 
     assert set(IDENTITY_FLAGS) == set(IDENTITY)
+
+
+def test_a_target_already_reached_says_there_is_nothing_to_do(args, monkeypatch, capsys):
+    common, storage = args
+    base = ["run", "--study", "n", "--epochs", "1", "--subset", "600", "--no-start", *common]
+    assert cli([*base, "--trials", "2"], monkeypatch, capsys)[0] in (0, None)
+    code, out, err = cli(["run", "--study", "n", "--trials", "1", *common], monkeypatch, capsys)
+    assert code in (0, None), err
+    assert "already holds 2 finished trials (--trials 1): nothing to do" in out and "--trials 3" in out
+    assert len(_finished(storage, "n")) == 2
+
+
+def test_version_and_short_help(monkeypatch, capsys):
+    from hpsearch import __version__
+
+    code, out, _ = cli(["--version"], monkeypatch, capsys)
+    assert code in (0, None) and out.strip() == f"hpsearch {__version__}"
+    code, out, _ = cli(["run", "-h"], monkeypatch, capsys)
+    assert code in (0, None) and "--trials" in out
