@@ -15,12 +15,10 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .config import DEFAULT_STORAGE, DEFAULT_STUDY
 from .errors import HPSearchError, Interrupted, first_line
-from .specs import describe_shape
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -56,100 +54,6 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
         configure_optuna_logging(debug)
     if not debug:
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
-
-
-class RichReporter:
-    """Progress bar (trials done, best so far, ETA) and one concise line per finished trial."""
-
-    def __init__(self):
-        self.progress: Progress | None = None
-        self.task = None
-
-    def start(self, settings, data, already, population):
-        from .study import redact
-
-        console.print(
-            f"[bold]study[/] {settings.study}  [bold]storage[/] {redact(settings.storage)}  "
-            f"[bold]data[/] {data.name} ({len(data.train_y)} train / {len(data.val_y)} val, {data.source})  "
-            f"[bold]device[/] {data.train_x.device}  [bold]population[/] {population}")
-        if already >= settings.trials:
-            console.print(f"study {settings.study} already holds {already} finished trials (--trials {settings.trials}): "
-                          f"nothing to do; to run more, raise the target, e.g. --trials {already + settings.trials}",
-                          soft_wrap=True)
-        elif already:
-            console.print(f"continuing: {already} of {settings.trials} trials already finished")
-        self.progress = Progress(
-            TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TextColumn("eta"),
-            TimeRemainingColumn(), console=console, transient=False,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("trials", total=settings.trials, completed=min(already, settings.trials),
-                                           best="-")
-
-    def trial_finished(self, outcome, best, done):
-        p = outcome.params
-        shape = describe_shape(p)
-        opt = f"{p.get('optimizer', '')} lr={p.get('lr', 0):.2g} wd={p.get('weight_decay', 0):.1g} bs={p.get('batch_size', '')}"
-        state = "[green]complete[/]" if outcome.state == "COMPLETE" else f"[yellow]{outcome.reason or 'pruned'}[/]"
-        self.progress.console.print(soft_wrap=True, *[
-            f"trial {outcome.number:>4} {state:<22} val_acc {outcome.value:.4f}  epochs {outcome.epochs:>3}  "
-            f"{outcome.seconds_per_epoch:6.2f}s/epoch  {shape}  {opt}"])
-        self.progress.update(self.task, completed=done, best=f"{best:.4f}" if best is not None else "-")
-
-    def note(self, message):
-        (self.progress.console if self.progress is not None else console).print(message, markup=False, soft_wrap=True)
-
-    def interrupted(self, message):
-        if self.progress is not None:
-            self.progress.stop()  # restores the cursor; main() prints the message on stderr
-
-    def finish(self, summary):
-        if self.progress is not None:
-            self.progress.stop()
-        best = f"{summary.best_value:.4f} (trial {summary.best_trial})" if summary.best_value is not None else "-"
-        console.print(
-            f"[bold]done[/]: {summary.trials_run} trials in {summary.wall_seconds:.1f}s "
-            f"({summary.finished_in_study} finished in study; stopped by {summary.stopped_by}); best {best}; "
-            f"population K={summary.population} on {summary.device}; "
-            f"{summary.model_epochs_per_second:.2f} model-epochs/s")
-        shares = ", ".join(f"{k} {v:.0%}" for k, v in summary.time_shares.items())
-        console.print(f"wall time: {shares}, other {max(0.0, 1 - sum(summary.time_shares.values())):.0%}")
-        if summary.best_params:
-            console.print("best params: " + json.dumps(summary.best_params))
-
-
-class WorkerReporter:
-    """One plain line per event, prefixed with the worker's index: for `--workers` children, which
-    share the terminal with each other (no progress bars)."""
-
-    def __init__(self, index: str):
-        self.prefix = f"[w{index}]"
-        self.target = "?"
-
-    def _print(self, text: str) -> None:
-        print(f"{self.prefix} {text}", flush=True)
-
-    def start(self, settings, data, already, population):
-        self.target = settings.trials
-        self._print(f"started: {data.name} {len(data.train_y)} train / {len(data.val_y)} val on "
-                    f"{data.train_x.device}, population {population}; {already} of {settings.trials} finished")
-
-    def trial_finished(self, outcome, best, done):
-        state = "complete" if outcome.state == "COMPLETE" else (outcome.reason or "pruned")
-        best_text = f"{best:.4f}" if best is not None else "-"
-        self._print(f"trial {outcome.number:>4} {state:<10} val_acc {outcome.value:.4f}  epochs {outcome.epochs:>3}  "
-                    f"study {done}/{self.target} best {best_text}")
-
-    def note(self, message):
-        self._print(message)
-
-    def interrupted(self, message):
-        pass
-
-    def finish(self, summary):
-        self._print(f"done: {summary.trials_run} trials in {summary.wall_seconds:.1f}s "
-                    f"({summary.finished_in_study} finished in study; stopped by {summary.stopped_by})")
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -204,7 +108,9 @@ def run(
                            precision=precision, grouping=grouping, start=start, given=_given(ctx, IDENTITY_FLAGS))
     n = resolve_workers(workers, device)
     if n == 1:
-        run_study(settings, RichReporter())
+        from .progress import RichReporter
+
+        run_study(settings, RichReporter(console))
         return
     code = run_workers(settings, n, debug=_DEBUG["on"], echo=lambda line: console.print(line, markup=False, soft_wrap=True),
                        echo_err=lambda line: err_console.print(line, markup=False, soft_wrap=True))
@@ -233,6 +139,8 @@ def worker(settings_json: str = typer.Argument(..., help="RunSettings as JSON (s
     parent = os.environ.get("HPSEARCH_PARENT_PID")
     if parent:
         _watch_parent(int(parent))
+    from .progress import WorkerReporter
+
     run_study(RunSettings.from_json(settings_json), WorkerReporter(os.environ.get("HPSEARCH_WORKER", "?")))
 
 
