@@ -110,7 +110,9 @@ def test_best_json_test_accuracy_equals_load_model(study_report):
         assert 0 <= c["precision"] <= 1 and 0 <= c["recall"] <= 1 and 0 <= c["f1"] <= 1 and c["support"] == 1000
 
     a = study.user_attrs
-    data = load_dataset(a["dataset"], a["data_dir"], "cpu", a["val_fraction"], a["subset"], a["seed"])
+    assert "space" not in a and "dataset_info" not in a  # long values are system attributes: a short table
+    data_dir = study._storage.get_study_system_attrs(study._study_id)["hpsearch:data_dir"]
+    data = load_dataset(a["dataset"], data_dir, "cpu", a["val_fraction"], a["subset"], a["seed"])
     model = load_model(study_report["out"] / "best_model.pt")
     assert not model.training
     with torch.no_grad():
@@ -245,7 +247,8 @@ def test_study_from_another_machine(study_report, tmp_path):
 
     copy_db(study_report["tmp"] / "studies" / "s.db", tmp_path / "moved.db")
     storage = f"sqlite:///{tmp_path}/moved.db"
-    optuna.load_study(study_name="t", storage=storage).set_user_attr("data_dir", "/elsewhere/fashion-mnist")
+    moved = optuna.load_study(study_name="t", storage=storage)
+    moved._storage.set_study_system_attr(moved._study_id, "hpsearch:data_dir", "/elsewhere/fashion-mnist")
     logs = []
     index = write_report("t", storage, tmp_path / "out", retrain=True, artifact=False, log=logs.append)
     moved = json.loads((index.parent / "best.json").read_text())

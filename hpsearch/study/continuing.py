@@ -13,7 +13,7 @@ import json
 from ..config import RunSettings
 from ..errors import HPSearchError
 from ..space import Space, load_space, space_from_dict
-from .schema import IDENTITY, StudyAttr
+from .schema import IDENTITY, StudyAttr, study_attrs
 from .storage import open_storage, storage_file
 
 
@@ -62,7 +62,7 @@ def _stored_identity(settings: RunSettings) -> dict | None:
         study_id = storage.get_study_id_from_name(settings.study)
     except KeyError:
         return None
-    attrs = storage.get_study_user_attrs(study_id)
+    attrs = study_attrs(storage, study_id)
     if StudyAttr.DATASET not in attrs or storage.get_n_trials(study_id) == 0:
         return None
     return attrs

@@ -31,9 +31,37 @@ class StudyAttr:
     FAMILY = "family"  # the model family the space builds: mlp, cnn, or mlp|cnn when sampled
 
 
+# Long values live in study *system* attributes (as "hpsearch:" + name), so `optuna studies` and
+# the dashboard show a short user-attribute table; a study written before keeps them as user
+# attributes, which `study_attrs` reads too.
+LONG_STUDY_ATTRS = (StudyAttr.SPACE, StudyAttr.DATASET_INFO, StudyAttr.DATA_DIR)
+
+
+def _system_key(name: str) -> str:
+    return "hpsearch:" + name
+
+
+def study_attrs(storage, study_id: int) -> dict:
+    """Every hpsearch study attribute by its StudyAttr name, wherever it is stored."""
+    attrs = dict(storage.get_study_user_attrs(study_id))
+    system = storage.get_study_system_attrs(study_id)
+    attrs.update({name: system[_system_key(name)] for name in LONG_STUDY_ATTRS if _system_key(name) in system})
+    return attrs
+
+
+def set_study_attr(storage, study_id: int, name: str, value) -> None:
+    """Write a StudyAttr where `study_attrs` reads it (long ones as system attributes)."""
+    if name in LONG_STUDY_ATTRS:
+        storage.set_study_system_attr(study_id, _system_key(name), value)
+    else:
+        storage.set_study_user_attr(study_id, name, value)
+
+
 # What a study measures: a resumed run must keep these (the CLI flag is `--` + name with dashes).
 IDENTITY = (StudyAttr.DATASET, StudyAttr.SUBSET, StudyAttr.VAL_FRACTION, StudyAttr.EPOCHS, StudyAttr.SEED,
             StudyAttr.SPACE)
+
+METRIC = "val_accuracy"  # the objective's name (Optuna's metric names)
 
 # Study system attribute: how many runs have started (seeds their samplers).
 RUNS = "hpsearch:runs"

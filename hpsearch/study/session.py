@@ -32,7 +32,8 @@ from ..errors import HPSearchError
 from ..space import Param, Space
 from ..specs import TrainConfig
 from .liveness import Heartbeat, Liveness, enqueue_retry, liveness_settings, recover_trials
-from .schema import FAILED_TRIAL, IDENTITY, RUNS, WORKER, StudyAttr, TrialAttr, TrialRecord
+from .schema import (FAILED_TRIAL, IDENTITY, METRIC, RUNS, WORKER, StudyAttr, TrialAttr, TrialRecord, set_study_attr,
+                     study_attrs)
 from .storage import StudyLock, error_line, is_storage_error, open_storage, redact
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -127,7 +128,7 @@ def _check_identity(settings: RunSettings, existing: dict, identity: dict) -> No
             raise HPSearchError(
                 f"study {settings.study!r} was created with another search space "
                 f"({_space_difference(existing.get(key), identity[key])}); rerun with --space FILE holding "
-                f"the study's space (its user attribute 'space'), or pick a new --study")
+                f"the study's space (or leave --space out to continue with it), or pick a new --study")
         raise HPSearchError(
             f"study {settings.study!r} was created with {key} = {json.dumps(existing.get(key))[:80]}, "
             f"not {json.dumps(identity[key])[:80]}; rerun with the same --{key.replace('_', '-')} "
@@ -135,12 +136,11 @@ def _check_identity(settings: RunSettings, existing: dict, identity: dict) -> No
 
 
 def _write_identity(study: optuna.Study, settings: RunSettings, space: Space, identity: dict) -> None:
-    for key, value in identity.items():
-        study.set_user_attr(key, value)
-    study.set_user_attr(StudyAttr.FAMILY, "|".join(space.families))
-    study.set_user_attr(StudyAttr.DATA_DIR, settings.data_dir)
-    study.set_user_attr(StudyAttr.VERSION, __version__)
-    study.set_user_attr(StudyAttr.CREATED, time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    attrs = {**identity, StudyAttr.FAMILY: "|".join(space.families), StudyAttr.DATA_DIR: settings.data_dir,
+             StudyAttr.VERSION: __version__, StudyAttr.CREATED: time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    for key, value in attrs.items():
+        set_study_attr(study._storage, study._study_id, key, value)
+    study.set_metric_names([METRIC])  # the dashboard and trials_dataframe say val_accuracy, not "Objective 0"
 
 
 def _enqueue_starts(study: optuna.Study, space: Space, exclusive: bool) -> None:
@@ -188,14 +188,14 @@ def open_study(settings: RunSettings, space: Space, liveness: Liveness | None = 
                 study = optuna.create_study(study_name=settings.study, storage=storage,
                                             direction="maximize", load_if_exists=True)
             identity = _identity(settings, space)
-            existing = study.user_attrs
+            existing = study_attrs(study._storage, study._study_id)
             # A study without trials measured nothing yet: it takes the new settings.
             if StudyAttr.DATASET in existing and study._storage.get_n_trials(study._study_id) > 0:
                 _check_identity(settings, existing, identity)
             else:
                 _write_identity(study, settings, space, identity)
                 if not lock.exclusive:  # two different commands racing on a server: one of them loses
-                    _check_identity(settings, study._storage.get_study_user_attrs(study._study_id), identity)
+                    _check_identity(settings, study_attrs(study._storage, study._study_id), identity)
                 if settings.start:
                     _enqueue_starts(study, space, lock.exclusive)
             study.pruner = make_pruner(settings.pruner, settings.epochs, _start_count(study))
@@ -336,7 +336,7 @@ class StudySession:
     def begin(self, dataset_info: dict) -> None:
         """Seed this run's sampler and record what the data looked like."""
         _seed_sampler(self.study, self.settings, self.lock)
-        self.study.set_user_attr(StudyAttr.DATASET_INFO, dataset_info)
+        set_study_attr(self.study._storage, self.study._study_id, StudyAttr.DATASET_INFO, dataset_info)
 
     def ask(self) -> AskedTrial | None:
         """The next trial (number, config, sampled params), or None when the study needs no more."""

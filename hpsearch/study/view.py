@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..config import DEFAULT_STORAGE, DEFAULT_STUDY
 from ..errors import HPSearchError, first_line
-from .schema import StudyAttr, TrialAttr, TrialRow
+from .schema import METRIC, StudyAttr, TrialAttr, TrialRow, study_attrs
 from .storage import artifact_dir, open_existing_storage, open_storage, redact
 
 CHECKPOINT_NAME = "best_model.pt"  # the report's copy, in results/<study>/
@@ -65,7 +65,7 @@ def open_view(url: str, name: str | None) -> StudyView:
     study = resolve_study(storage, url, name)
     best = best_complete_trial(study)
     return StudyView(name=study.study_name, url=url, direction=study.direction.name.lower(),
-                     attrs=dict(study.user_attrs), trials=[trial_row(t) for t in study.get_trials(deepcopy=False)],
+                     attrs=study_attrs(study._storage, study._study_id), trials=[trial_row(t) for t in study.get_trials(deepcopy=False)],
                      best=trial_row(best), study=study, storage=storage)
 
 
@@ -194,6 +194,7 @@ def trials_frame(view: StudyView):
     """One row per trial: number, state, value, times, params_*, user_attrs_* (nested as JSON)."""
     df = view.study.trials_dataframe(attrs=("number", "state", "value", "datetime_start", "datetime_complete",
                                             "duration", "params", "user_attrs"))
+    df = df.rename(columns={f"value_{METRIC}": "value"})  # the CSV keeps one name whatever the study's metric names
     if "duration" in df:
         df.insert(df.columns.get_loc("duration") + 1, "duration_s", df["duration"].dt.total_seconds())
     for col in df.columns:

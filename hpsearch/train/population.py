@@ -44,6 +44,11 @@ class EpochResult:
     diverged: str | None = None  # reason; the trainer has dropped the member
 
 
+def _fraction(accuracy: float, total: int) -> float:
+    """The float32 accuracy back as correct/total in Python's float (counts are exact below 2**24)."""
+    return round(accuracy * total) / total if math.isfinite(accuracy) else accuracy
+
+
 class PopulationTrainer:
     """Trains any number of configs at once; members join and leave between epochs.
 
@@ -180,6 +185,9 @@ class PopulationTrainer:
             self.samples_trained += group.K * len(self.data.train_y)
             for k, member in enumerate(group.members):
                 tl, ta, vl, va = (s[k] for s in stats)
+                # Accuracies as exact fractions (correct / total), not float32 quotients: the study
+                # stores 0.851, not 0.8510000109672546.
+                ta, va = _fraction(ta, len(self.data.train_y)), _fraction(va, len(self.data.val_y))
                 diverged = None
                 if not math.isfinite(tl) or not math.isfinite(vl):
                     diverged = f"non-finite loss at epoch {member.epoch}"
