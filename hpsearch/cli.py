@@ -152,8 +152,6 @@ def studies(
     """List the studies in a storage with trial counts and best values."""
     from .study import list_studies
 
-    if storage.startswith("sqlite:///") and not os.path.exists(storage[len("sqlite:///"):]):
-        raise HPSearchError(f"no study database at {storage[len('sqlite:///'):]}; run `hpsearch run` first")
     rows = list_studies(storage)
     if as_json:
         console.print_json(json.dumps(rows))
@@ -205,10 +203,12 @@ def report(
     study: Optional[str] = typer.Option(None, help="Study name (default: the storage's only study, else 'hpsearch')."),
     storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
     out: Optional[str] = typer.Option(None, help="Output folder (default results/<study>/)."),
-    retrain: bool = typer.Option(True, "--retrain/--no-retrain",
-                                 help="Retrain the best trial on the training split and evaluate it once on the test split."),
+    retrain: Optional[bool] = typer.Option(
+        None, "--retrain/--no-retrain", show_default=False,
+        help="--retrain: retrain the best trial (training split) and test it even if the folder's best_model.pt "
+             "is already its model; --no-retrain: neither retrain nor test. Default: retrain only when needed."),
     importance: str = typer.Option("ped-anova", help="Importance evaluator: ped-anova (Optuna's default) or fanova (needs scikit-learn)."),
-    device: str = typer.Option("cpu", help="Device for retraining: cpu, cuda[:N] or auto."),
+    device: str = typer.Option("auto", help="Device for retraining: auto, cpu or cuda[:N]."),
     data_dir: Optional[str] = typer.Option(None, help="Where the study's dataset is, if not where the study says."),
     artifact: bool = typer.Option(True, "--artifact/--no-artifact",
                                   help="Also store the checkpoint as an Optuna artifact of the study (for optuna-dashboard)."),
@@ -220,7 +220,7 @@ def report(
                          data_dir=data_dir, artifact=artifact, log=lambda msg: console.print(msg, soft_wrap=True, markup=False))
     line = f"[bold]report[/]: {index}"
     best_json = index.parent / "best.json"
-    if retrain and best_json.is_file():
+    if retrain is not False and best_json.is_file():
         best = json.loads(best_json.read_text())
         line += (f"  best trial {best['trial']}: validation {best['validation_accuracy']:.4f}, "
                  f"test {best['test_accuracy']:.4f}; model {index.parent / 'best_model.pt'}")

@@ -78,7 +78,7 @@ def test_default_storage_is_studies_sqlite(tmp_path):
     (["run", "--population", "zero"], "--population"),
     (["run", "--dataset", "idx"], "IDX files"),
     (["run", "--storage", "notadb://x"], "cannot open storage"),
-    (["studies", "--storage", "sqlite:///nope/none.db"], "no study database"),
+    (["studies", "--storage", "sqlite:///nope/none.db"], "no study storage at"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, args, needle):
     proc = hpsearch(*args, cwd=tmp_path, check=False)

@@ -251,5 +251,7 @@ def open_existing_storage(url: str) -> optuna.storages.BaseStorage:
         raise HPSearchError(f"storage {url!r} is an in-memory database: there is nothing in it to read")
     file = storage_file(url)
     if file is not None and not file.is_file():
-        raise HPSearchError(f"no study storage at {file}; run `hpsearch run` first or pass --storage URL")
+        # Absolute: the default storage is relative to the current directory, the usual surprise.
+        raise HPSearchError(f"no study storage at {file.absolute()}; run `hpsearch run` in this directory first, "
+                            f"or point at yours with --storage sqlite:////abs/path/hpsearch.db (four slashes)")
     return open_storage(url)

@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ..config import DEFAULT_STORAGE, DEFAULT_STUDY
 from ..errors import HPSearchError, first_line
 from .schema import METRIC, StudyAttr, TrialAttr, TrialRow, study_attrs
-from .storage import artifact_dir, open_existing_storage, open_storage, redact
+from .storage import artifact_dir, open_existing_storage, redact
 
 CHECKPOINT_NAME = "best_model.pt"  # the report's copy, in results/<study>/
 ARTIFACT_PREFIX = "best_model_trial"  # the study artifact: best_model_trial<N>.pt
@@ -130,7 +130,7 @@ def best_complete_trial(study: optuna.Study) -> FrozenTrial:
 
 def list_studies(storage_url: str) -> list[dict]:
     """One row per study in a storage: trial counts by state, best value, start time."""
-    storage = open_storage(storage_url)
+    storage = open_existing_storage(storage_url)
     rows = []
     for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False):
         trials = storage.get_all_trials(s._study_id, deepcopy=False)
