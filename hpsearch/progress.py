@@ -4,11 +4,16 @@ prefixed lines for `--workers` children (`WorkerReporter`). Both implement searc
 from __future__ import annotations
 
 import json
+import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .specs import describe_shape
+
+
+def _best_text(best: float | None) -> str:
+    return f"best {best:.4f}" if best is not None else "best -"
 
 
 class RichReporter:
@@ -19,7 +24,7 @@ class RichReporter:
         self.progress: Progress | None = None
         self.task = None
 
-    def start(self, settings, data, already, population):
+    def start(self, settings, data, already, population, best=None):
         from .study import redact
 
         self.console.print(
@@ -27,29 +32,44 @@ class RichReporter:
             f"[bold]data[/] {data.name} ({len(data.train_y)} train / {len(data.val_y)} val, {data.source})  "
             f"[bold]device[/] {data.train_x.device}  [bold]population[/] {population}")
         if already >= settings.trials:
-            self.console.print(f"study {settings.study} already holds {already} finished trials (--trials {settings.trials}): "
-                          f"nothing to do; to run more, raise the target, e.g. --trials {already + settings.trials}",
-                          soft_wrap=True)
+            self.console.print(f"study {settings.study} already holds {already} finished trials (--trials "
+                               f"{settings.trials}): nothing to do; to run more, raise the target, e.g. --trials "
+                               f"{already + settings.trials}", soft_wrap=True)
         elif already:
-            self.console.print(f"continuing: {already} of {settings.trials} trials already finished")
+            self.console.print(f"continuing: {already} of {settings.trials} trials already finished"
+                               + (f", best {best:.4f}" if best is not None else ""))
         self.progress = Progress(
             TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("best {task.fields[best]}"), TimeElapsedColumn(), TextColumn("eta"),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
             TimeRemainingColumn(), console=self.console, transient=False,
         )
         self.progress.start()
         self.task = self.progress.add_task("trials", total=settings.trials, completed=min(already, settings.trials),
-                                           best="-")
+                                           info=_best_text(best))
+        # The epochs of the trials in training: a long trial shows it is moving.
+        self.epoch_task = self.progress.add_task("epochs", total=settings.epochs, visible=False, info="")
+        self._training: tuple[int, ...] = ()
+
+    def epochs_done(self, running):
+        numbers = tuple(sorted(r.number for r in running))
+        if numbers != self._training:  # other trials now: their own elapsed time and eta
+            self.progress.reset(self.epoch_task)
+            self._training = numbers
+        lead = max(running, key=lambda r: r.epoch)
+        label = f"trial {numbers[0]}" if len(numbers) == 1 else f"{len(numbers)} trials"
+        self.progress.update(self.epoch_task, description=label, total=lead.epochs, completed=lead.epoch,
+                             visible=True, info=f"val {max(r.val_acc for r in running):.4f}")
 
     def trial_finished(self, outcome, best, done):
         p = outcome.params
         shape = describe_shape(p)
         opt = f"{p.get('optimizer', '')} lr={p.get('lr', 0):.2g} wd={p.get('weight_decay', 0):.1g} bs={p.get('batch_size', '')}"
         state = "[green]complete[/]" if outcome.state == "COMPLETE" else f"[yellow]{outcome.reason or 'pruned'}[/]"
+        retry = f" (retry of {outcome.retry_of})" if outcome.retry_of is not None else ""
         self.progress.console.print(soft_wrap=True, *[
-            f"trial {outcome.number:>4} {state:<22} val_acc {outcome.value:.4f}  epochs {outcome.epochs:>3}  "
+            f"trial {outcome.number:>4}{retry} {state:<22} val_acc {outcome.value:.4f}  epochs {outcome.epochs:>3}  "
             f"{outcome.seconds_per_epoch:6.2f}s/epoch  {shape}  {opt}"])
-        self.progress.update(self.task, completed=done, best=f"{best:.4f}" if best is not None else "-")
+        self.progress.update(self.task, completed=done, info=_best_text(best))
 
     def note(self, message):
         (self.progress.console if self.progress is not None else self.console).print(message, markup=False, soft_wrap=True)
@@ -77,20 +97,34 @@ class WorkerReporter:
     """One plain line per event, prefixed with the worker's index: for `--workers` children, which
     share the terminal with each other (no progress bars)."""
 
+    EPOCH_LINE_SECONDS = 30.0
+
     def __init__(self, index: str):
         self.prefix = f"[w{index}]"
         self.target = "?"
+        self._last_epoch_line = time.monotonic()
 
     def _print(self, text: str) -> None:
         print(f"{self.prefix} {text}", flush=True)
 
-    def start(self, settings, data, already, population):
+    def start(self, settings, data, already, population, best=None):
         self.target = settings.trials
         self._print(f"started: {data.name} {len(data.train_y)} train / {len(data.val_y)} val on "
-                    f"{data.train_x.device}, population {population}; {already} of {settings.trials} finished")
+                    f"{data.train_x.device}, population {population}; {already} of {settings.trials} finished"
+                    + (f", best {best:.4f}" if best is not None else ""))
+
+    def epochs_done(self, running):
+        now = time.monotonic()
+        if now - self._last_epoch_line < self.EPOCH_LINE_SECONDS:
+            return  # several workers share a terminal: a line per trial epoch would drown it
+        self._last_epoch_line = now
+        self._print("training: " + ", ".join(f"trial {r.number} epoch {r.epoch}/{r.epochs} val {r.val_acc:.4f}"
+                                             for r in sorted(running, key=lambda r: r.number)))
 
     def trial_finished(self, outcome, best, done):
         state = "complete" if outcome.state == "COMPLETE" else (outcome.reason or "pruned")
+        if outcome.retry_of is not None:
+            state += f" (retry of {outcome.retry_of})"
         best_text = f"{best:.4f}" if best is not None else "-"
         self._print(f"trial {outcome.number:>4} {state:<10} val_acc {outcome.value:.4f}  epochs {outcome.epochs:>3}  "
                     f"study {done}/{self.target} best {best_text}")

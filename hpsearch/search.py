@@ -45,6 +45,17 @@ class TrialOutcome:
     seconds_per_epoch: float
     params: dict
     reason: str | None = None
+    retry_of: int | None = None  # the trial whose parameters and seed this one runs again
+
+
+@dataclass(frozen=True)
+class EpochStatus:
+    """A trial still training after an epoch: for progress displays."""
+
+    number: int
+    epoch: int
+    epochs: int  # its budget
+    val_acc: float
 
 
 @dataclass
@@ -72,7 +83,9 @@ class RunSummary:
 class Reporter:
     """Hooks for progress display; the CLI renders them with rich. All optional."""
 
-    def start(self, settings: RunSettings, data: Dataset, already: int, population: int) -> None: ...
+    def start(self, settings: RunSettings, data: Dataset, already: int, population: int,
+              best: float | None = None) -> None: ...
+    def epochs_done(self, running: list[EpochStatus]) -> None: ...  # after each epoch of the trials training on
     def trial_finished(self, outcome: TrialOutcome, best: float | None, done: int) -> None: ...
     def note(self, message: str) -> None: ...  # recoveries, waiting for other workers, ...
     def interrupted(self, message: str) -> None: ...  # the run is stopping after a signal
@@ -195,7 +208,8 @@ class SearchLoop:
             with self.session:
                 self.session.begin(self.data.describe())
                 self._recover()
-                self.reporter.start(self.settings, self.data, self.session.counts().finished, self.population)
+                counts = self.session.counts()
+                self.reporter.start(self.settings, self.data, counts.finished, self.population, best=counts.best)
                 stopped_by = self._loop()
         except BaseException as exc:
             self._stop(exc)
@@ -231,6 +245,8 @@ class SearchLoop:
             param_count = asked.config.model_spec(self.data).param_count()
             self.running[asked.number] = _Running(asked, param_count)
             self.trainer.add(asked.number, asked.config)
+            if asked.retry_of is not None:
+                self.reporter.note(f"trial {asked.number} retries trial {asked.retry_of} (same parameters and seed)")
             self.time_spent["sample"] += self.clock() - t0
 
     def _idle(self) -> str | None:
@@ -267,6 +283,10 @@ class SearchLoop:
         for result in results:
             self._settle(result)
         self.time_spent["storage"] += self.clock() - t1
+        still = [EpochStatus(r.key, r.epoch, self.running[r.key].asked.config.epochs, r.val_acc)
+                 for r in results if r.key in self.running]
+        if still:
+            self.reporter.epochs_done(still)
 
     def _settle(self, result: EpochResult) -> None:
         """Report one member's epoch; finish its trial if the verdict says so."""
@@ -290,7 +310,7 @@ class SearchLoop:
         self.trials_run += 1
         counts = self.session.counts()
         outcome = TrialOutcome(number, verdict.state, result.val_acc, result.epoch, run.seconds_per_epoch,
-                               run.asked.params, verdict.reason)
+                               run.asked.params, verdict.reason, run.asked.retry_of)
         self.reporter.trial_finished(outcome, counts.best, counts.finished)
 
     def _leave(self, number: int) -> None:

@@ -24,8 +24,10 @@ def test_continuing_needs_only_the_name_and_the_new_target(args, monkeypatch, ca
     code, _, err = cli(["run", "--study", "s", "--trials", "3", "--epochs", "2", "--subset", "2000", *common],
                        monkeypatch, capsys)
     assert code in (0, None), err
-    code, _, err = cli(["run", "--study", "s", "--trials", "5", *common], monkeypatch, capsys)
+    best = optuna.load_study(study_name="s", storage=storage).best_value
+    code, out, err = cli(["run", "--study", "s", "--trials", "5", *common], monkeypatch, capsys)
     assert code in (0, None), err
+    assert f"continuing: 3 of 5 trials already finished, best {best:.4f}" in out  # not "best -"
     trials = _finished(storage, "s")
     assert len(trials) == 5 and max(t.user_attrs["epochs_run"] for t in trials) <= 2
     code, _, err = cli(["run", "--study", "s", "--trials", "6", "--epochs", "3", *common], monkeypatch, capsys)

@@ -134,7 +134,13 @@ class FakeTrainer:
 
 class Recorder(Reporter):
     def __init__(self):
-        self.notes, self.finished, self.messages = [], [], []
+        self.notes, self.finished, self.messages, self.epochs, self.started = [], [], [], [], None
+
+    def start(self, settings, data, already, population, best=None):
+        self.started = (already, best)
+
+    def epochs_done(self, running):
+        self.epochs.append([(r.number, r.epoch, r.epochs, r.val_acc) for r in running])
 
     def note(self, message):
         self.notes.append(message)
@@ -283,3 +289,23 @@ def test_judge():
     assert judge(_result(diverged="loss exploded"), [0.7], 10, never, False) == Verdict("PRUNED", "loss exploded")
     collapsed = judge(_result(epoch=4, finished=True), [0.9, 0.9, 0.1, 0.1], 10, never, False)
     assert collapsed.state == "PRUNED" and collapsed.reason.startswith("accuracy collapsed")
+
+
+def test_the_reporter_sees_each_epoch_of_the_trials_training_on_retries_and_the_best_so_far():
+    session = FakeSession(target=2, epochs=3)
+    session.told[7] = ("COMPLETE", 0.83, None)  # a finished trial from an earlier run
+    session.target = 3
+    asked = session.ask
+
+    def ask_a_retry():
+        trial = asked()
+        return trial if trial is None or trial.number != 1 else AskedTrial(1, trial.config, trial.params, retry_of=7)
+
+    session.ask = ask_a_retry
+    loop, reporter = make_loop(session, FakeTrainer(), population=2)
+    loop.execute()
+    assert reporter.started == (1, 0.83)  # a resumed run shows the study's best from the start
+    # epochs 1 and 2 of both trials; epoch 3 finishes them, so nothing is training on after it
+    assert reporter.epochs == [[(0, 1, 3, 0.51), (1, 1, 3, 0.51)], [(0, 2, 3, 0.52), (1, 2, 3, 0.52)]]
+    assert "trial 1 retries trial 7 (same parameters and seed)" in reporter.notes
+    assert [o.retry_of for o in reporter.finished] == [None, 7]

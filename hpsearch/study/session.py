@@ -65,6 +65,7 @@ class AskedTrial:
     number: int
     config: TrainConfig
     params: dict  # the sampled values only (the space's fixed ones are in `config`)
+    retry_of: int | None = None  # a retry: the number of the trial it runs again
 
 
 @dataclass(frozen=True)
@@ -348,7 +349,7 @@ class StudySession:
         self.study._storage.set_trial_system_attr(trial._trial_id, WORKER, self._worker)
         s = self.settings
         config = _config_for(trial, self.space, s.epochs, s.seed)
-        return AskedTrial(trial.number, config, dict(trial.params))
+        return AskedTrial(trial.number, config, dict(trial.params), trial.user_attrs.get(TrialAttr.RETRY_OF))
 
     def report(self, number: int, epoch: int, value: float) -> None:
         with self._unless_taken(number):
