@@ -11,6 +11,7 @@ the test file is only ever used by the final evaluation in the report.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -55,26 +56,54 @@ _IDX_UBYTE = 0x08
 # IDX parsing
 
 
+# What one IDX file may hold: 1 GiB is 20x Fashion-MNIST's training images. A header is checked
+# against it before anything is allocated, and the body is read in chunks, so a forged header or
+# a .gz that expands far beyond its header costs at most what the header says, never more.
+MAX_IDX_BYTES = 1 << 30
+_CHUNK = 16 << 20
+
+
+def _idx_header(f, path: Path) -> tuple[int, ...]:
+    head = f.read(4)
+    if len(head) < 4:
+        raise DataError(f"{path} is not an IDX file: only {len(head)} bytes")
+    zero, dtype, ndim = struct.unpack(">HBB", head)
+    if zero != 0 or dtype != _IDX_UBYTE or not 1 <= ndim <= 3:
+        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number {head.hex()})")
+    dims = f.read(4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise DataError(f"{path} is truncated inside its header")
+    shape = struct.unpack(f">{ndim}I", dims)
+    size = math.prod(shape)  # Python ints: a forged 2**31 x 2**31 x 4 header does not wrap around
+    if size > MAX_IDX_BYTES:
+        raise DataError(f"{path}: its header says shape {shape} ({size:,} bytes); hpsearch reads IDX files "
+                        f"of up to {MAX_IDX_BYTES >> 30} GiB")
+    return shape
+
+
+def _read_body(f, path: Path, shape: tuple[int, ...], header: int) -> bytearray:
+    size = math.prod(shape)
+    body = bytearray()
+    while len(body) < size:
+        chunk = f.read(min(_CHUNK, size - len(body)))
+        if not chunk:
+            raise DataError(f"{path} is truncated: {header + len(body)} bytes, header says {header + size} "
+                            f"for shape {shape}")
+        body += chunk
+    if f.read(1):  # one byte past the header's size is enough to refuse: never decompress the rest
+        raise DataError(f"{path} is longer than its header says ({header + size} bytes for shape {shape})")
+    return body
+
+
 def read_idx(path: Path) -> np.ndarray:
     """Parse one IDX file (raw or .gz) of unsigned bytes into an array; strict about its header."""
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            shape = _idx_header(f, path)
+            body = _read_body(f, path, shape, 4 + 4 * len(shape))
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:  # zlib.error: a corrupt .gz body
         raise DataError(f"cannot read {path}: {exc}") from None
-    if len(raw) < 4:
-        raise DataError(f"{path} is not an IDX file: only {len(raw)} bytes")
-    zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype != _IDX_UBYTE or not 1 <= ndim <= 3:
-        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number {raw[:4].hex()})")
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path} is truncated inside its header")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    expected = header + int(np.prod(shape))
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "longer than its header says"
-        raise DataError(f"{path} is {what}: {len(raw)} bytes, header says {expected} for shape {shape}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
 def _find_file(directory: Path, stem: str) -> Path | None:
@@ -101,6 +130,8 @@ def load_idx_dir(directory: Path) -> dict[str, np.ndarray]:
                             f"got {images.shape} and {labels.shape}")
         if len(images) != len(labels):
             raise DataError(f"{directory}: {len(images)} {split} images but {len(labels)} labels")
+        if len(images) == 0 or 0 in images.shape[1:]:
+            raise DataError(f"{directory}: the {split} images file holds no images (shape {images.shape})")
     if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
         raise DataError(f"{directory}: train and test images differ in size")
     return arrays
@@ -249,6 +280,10 @@ def load_dataset(
             _, keep = stratified_split(train_labels, subset / len(train_labels), seed + 1)
             train_images, train_labels = train_images[keep], train_labels[keep]
     train_idx, val_idx = stratified_split(train_labels, val_fraction, seed)
+    if len(val_idx) == 0 or len(train_idx) == 0:  # e.g. as many classes as images: nothing to hold out per class
+        raise DataError(f"{directory}: {len(train_labels)} training images in {len(np.unique(train_labels))} "
+                        f"classes leave {len(val_idx)} for validation (--val-fraction {val_fraction}) and "
+                        f"{len(train_idx)} for training; use more images per class or another --val-fraction")
 
     device = torch.device(device)
 

@@ -10,6 +10,7 @@ tmpfs fail for root too (chmod does not stop root).
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 from conftest import make_idx_dir, write_idx
+from hpsearch.data import read_idx
 from hpsearch.errors import HPSearchError
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -130,7 +132,26 @@ def _bad_gzip(d):
     (d / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
 
 
+def _overflowing_header(d):
+    f = d / "train-images-idx3-ubyte"
+    f.write_bytes(struct.pack(">HBB3I", 0, 8, 3, 2**31, 2**31, 4) + b"\0" * 64)
+
+
+def _no_images(d):
+    write_idx(d / "train-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8))
+    write_idx(d / "train-labels-idx1-ubyte", np.zeros(0, np.uint8))
+
+
+def _a_class_per_image(d):  # 60 training images in 60 classes: nothing per class to hold out
+    write_idx(d / "train-images-idx3-ubyte", np.zeros((60, 28, 28), np.uint8))
+    write_idx(d / "train-labels-idx1-ubyte", np.arange(60, dtype=np.uint8))
+    write_idx(d / "t10k-labels-idx1-ubyte", np.zeros(len(read_idx(d / "t10k-labels-idx1-ubyte")), np.uint8))
+
+
 DATA_CASES = {
+    "overflowing header": (_overflowing_header, "hpsearch reads IDX files of up to 1 GiB"),
+    "no images": (_no_images, "holds no images"),
+    "a class per image": (_a_class_per_image, "leave 0 for validation"),
     # (data.py names the missing file for the named datasets, but not yet for --dataset idx)
     "missing file": (lambda d: (d / "t10k-labels-idx1-ubyte").unlink(), "t10k-labels-idx1-ubyte (raw or .gz)"),
     "truncated": (_truncate, "is truncated"),

@@ -1,4 +1,5 @@
 import gzip
+import struct
 
 import numpy as np
 import pytest
@@ -117,3 +118,30 @@ def test_failed_download_leaves_no_empty_directories(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="could not be downloaded"):
         data_mod._download("mnist", tmp_path / "data")
     assert not (tmp_path / "data").exists()
+
+
+def test_a_gz_that_expands_past_its_header_is_refused_without_decompressing_the_rest(tmp_path):
+    """A few MB of .gz whose body expands to 512 MiB, under a header that says 60000x28x28: refused
+    after reading what the header says (measured in a fresh process: peak memory, not time)."""
+    import subprocess
+    import sys
+    import zlib
+
+    path = tmp_path / "bomb-idx3-ubyte.gz"
+    packer = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: a gzip stream
+    with open(path, "wb") as f:
+        f.write(packer.compress(struct.pack(">HBB3I", 0, 8, 3, 60000, 28, 28)))
+        zeros = bytes(16 << 20)
+        for _ in range(32):
+            f.write(packer.compress(zeros))
+        f.write(packer.flush())
+    assert path.stat().st_size < 8 << 20
+    probe = (
+        "import resource, sys; from pathlib import Path; from hpsearch.data import read_idx; from hpsearch.errors import DataError\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n    read_idx(Path(sys.argv[1]))\nexcept DataError as e:\n    print(e)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120,
+                         check=True).stdout.splitlines()
+    assert "longer than its header says" in out[0]
+    assert int(out[1]) < 200, f"peak memory grew by {out[1]} MiB"  # the header's 47 MB, not 512 MiB
