@@ -95,31 +95,40 @@ class Space:
         return (self.fixed.get("family", "mlp"),)
 
 
+def _cut(text: str, limit: int = 60) -> str:
+    """Text as an error shows it: a 2 MB string in a space file is not echoed back whole."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _short(value) -> str:
+    return _cut(repr(value))
+
+
 def _check_value(name: str, value, where: str):
     typ, ok = _RULES[name]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, typ) or isinstance(value, bool):
-        raise SpaceError(f"{where}: {name} must be {typ.__name__}, got {value!r}")
+        raise SpaceError(f"{where}: {name} must be {typ.__name__}, got {_short(value)}")
     valid = value in ok if isinstance(ok, set) else ok(value)
     if not valid or (isinstance(value, float) and not math.isfinite(value)):
         allowed = f"one of {', '.join(map(str, sorted(ok)))}" if isinstance(ok, set) else "in range"
-        raise SpaceError(f"{where}: {name} = {value!r} is not {allowed}")
+        raise SpaceError(f"{where}: {name} = {_short(value)} is not {allowed}")
     return value
 
 
 def _parse_param(name: str, spec: dict, where: str) -> Param:
     if name not in _RULES:
-        raise SpaceError(f"{where}: unknown parameter {name!r}; known: {', '.join(_RULES)}")
+        raise SpaceError(f"{where}: unknown parameter {_short(name)}; known: {', '.join(_RULES)}")
     if not isinstance(spec, dict):
         raise SpaceError(f"{where}: [params.{name}] must be a table")
     kind = spec.get("type")
     if kind not in _KINDS:
-        raise SpaceError(f"{where}: {name}.type must be one of {', '.join(_KINDS)}, got {kind!r}")
+        raise SpaceError(f"{where}: {name}.type must be one of {', '.join(_KINDS)}, got {_short(kind)}")
     allowed = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "log", "step"}
     extra = set(spec) - allowed
     if extra:
-        raise SpaceError(f"{where}: {name} has unexpected keys {', '.join(sorted(extra))} for type {kind}")
+        raise SpaceError(f"{where}: {name} has unexpected keys {_cut(', '.join(sorted(extra)))} for type {kind}")
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
@@ -147,6 +156,8 @@ def _parse_param(name: str, spec: dict, where: str) -> Param:
             raise SpaceError(f"{where}: {name}.step must be a positive number")
         if log:
             raise SpaceError(f"{where}: {name} cannot have both log and step")
+        if kind == "int" and step != int(step):  # Optuna would refuse it only at the first trial
+            raise SpaceError(f"{where}: {name} is an int parameter, so its step must be a whole number (got {step})")
     return Param(name, kind, low, high, log, step)
 
 
@@ -157,7 +168,7 @@ def parse_space(text: str, source: str = "<string>") -> Space:
         raise SpaceError(f"{source} is not valid TOML: {exc}") from None
     extra = set(doc) - {"params", "fixed", "start"}
     if extra:
-        raise SpaceError(f"{source}: unexpected top-level keys {', '.join(sorted(extra))} "
+        raise SpaceError(f"{source}: unexpected top-level keys {_cut(', '.join(sorted(extra)))} "
                          f"(use [params.NAME], [fixed] and [[start]])")
     params_doc = doc.get("params", {})
     fixed_doc = doc.get("fixed", {})
@@ -169,7 +180,7 @@ def parse_space(text: str, source: str = "<string>") -> Space:
     fixed = {}
     for name, value in fixed_doc.items():
         if name not in _RULES:
-            raise SpaceError(f"{source}: unknown fixed setting {name!r}; known: {', '.join(_RULES)}")
+            raise SpaceError(f"{source}: unknown fixed setting {_short(name)}; known: {', '.join(_RULES)}")
         if name in params_doc:
             raise SpaceError(f"{source}: {name} is both sampled and fixed")
         fixed[name] = _check_value(name, value, source)
@@ -221,12 +232,12 @@ def _check_in_param(param: Param, value, where: str):
     value = _check_value(param.name, value, where)
     if param.kind == "categorical":
         if value not in param.choices:
-            raise SpaceError(f"{where}: {param.name} = {value!r} is not one of the choices {list(param.choices)}")
+            raise SpaceError(f"{where}: {param.name} = {_short(value)} is not one of the choices {list(param.choices)}")
         return value
     if not param.low <= value <= param.high:
-        raise SpaceError(f"{where}: {param.name} = {value!r} is outside [{param.low}, {param.high}]")
+        raise SpaceError(f"{where}: {param.name} = {_short(value)} is outside [{param.low}, {param.high}]")
     if param.step and not math.isclose((value - param.low) / param.step, round((value - param.low) / param.step)):
-        raise SpaceError(f"{where}: {param.name} = {value!r} is not on the grid of step {param.step} from {param.low}")
+        raise SpaceError(f"{where}: {param.name} = {_short(value)} is not on the grid of step {param.step} from {param.low}")
     return value
 
 

@@ -179,6 +179,10 @@ SPACE_CASES = {
     "unknown parameter": ('[params.momentumm]\ntype = "float"\nlow = 0.1\nhigh = 0.9\n', "unknown parameter 'momentumm'"),
     "empty file": ("", "declares no [params.NAME] tables"),
     "binary junk": ("\x00\x01\x02\xff", "search space"),
+    "int with a fractional step": ('[params.layer_size]\ntype = "int"\nlow = 32\nhigh = 64\nstep = 2.5\n',
+                                   "its step must be a whole number (got 2.5)"),
+    "a 2 MB string": ('[params.activation]\ntype = "categorical"\nchoices = ["' + "x" * (2 << 20) + '"]\n',
+                      "activation = 'xxxxxxxx"),
 }
 
 
@@ -190,6 +194,7 @@ def test_bad_search_space(world, tmp_path, capsys, case):
     before = snapshot(world)
     code, _, err = cli(capsys, *run_args(world, space=space))
     assert_one_line(code, err, needle)
+    assert len(err) < 1000  # whatever the file holds
     assert snapshot(world) == before
 
 
