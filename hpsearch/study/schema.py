@@ -57,6 +57,18 @@ def set_study_attr(storage, study_id: int, name: str, value) -> None:
         storage.set_study_user_attr(study_id, name, value)
 
 
+def foreign_reason(directions: list[str], user_attrs: dict, n_trials: int) -> str | None:
+    """Why a study is not one hpsearch made (None if it is, or if it is empty and maximizes one value,
+    so hpsearch may adopt it). `directions` by name, as Optuna's StudyDirection names them."""
+    if len(directions) != 1:
+        return f"it has {len(directions)} objectives"
+    if directions[0] != "MAXIMIZE":
+        return "it minimizes its objective; hpsearch maximizes validation accuracy"
+    if n_trials and StudyAttr.DATASET not in user_attrs:
+        return f"its {n_trials} trials were not made by hpsearch"
+    return None
+
+
 # What a study measures: a resumed run must keep these (the CLI flag is `--` + name with dashes).
 IDENTITY = (StudyAttr.DATASET, StudyAttr.SUBSET, StudyAttr.VAL_FRACTION, StudyAttr.EPOCHS, StudyAttr.SEED,
             StudyAttr.SPACE)

@@ -32,8 +32,8 @@ from ..errors import HPSearchError
 from ..space import Param, Space
 from ..specs import TrainConfig
 from .liveness import Heartbeat, Liveness, enqueue_retry, liveness_settings, recover_trials
-from .schema import (FAILED_TRIAL, IDENTITY, METRIC, RUNS, WORKER, StudyAttr, TrialAttr, TrialRecord, set_study_attr,
-                     study_attrs)
+from .schema import (FAILED_TRIAL, IDENTITY, METRIC, RUNS, WORKER, StudyAttr, TrialAttr, TrialRecord, foreign_reason,
+                     set_study_attr, study_attrs)
 from .storage import StudyLock, error_line, is_storage_error, open_storage, redact
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -144,6 +144,15 @@ def _write_identity(study: optuna.Study, settings: RunSettings, space: Space, id
     study.set_metric_names([METRIC])  # the dashboard and trials_dataframe say val_accuracy, not "Objective 0"
 
 
+def _refuse_foreign(study: optuna.Study, settings: RunSettings) -> None:
+    """Never train into someone else's study (a minimize or multi-objective one, or other trials)."""
+    reason = foreign_reason([d.name for d in study.directions], study.user_attrs,
+                            study._storage.get_n_trials(study._study_id))
+    if reason is not None:
+        raise HPSearchError(f"study {settings.study!r} in {redact(settings.storage)} was not created by hpsearch "
+                            f"({reason}); pick another --study")
+
+
 def _enqueue_starts(study: optuna.Study, space: Space, exclusive: bool) -> None:
     """The space's [[start]] configurations as the first trials: ordinary, prunable trials that
     `ask` takes before sampling, marked with their index so reports can tell them apart."""
@@ -188,6 +197,7 @@ def open_study(settings: RunSettings, space: Space, liveness: Liveness | None = 
                 warnings.simplefilter("ignore")
                 study = optuna.create_study(study_name=settings.study, storage=storage,
                                             direction="maximize", load_if_exists=True)
+            _refuse_foreign(study, settings)
             identity = _identity(settings, space)
             existing = study_attrs(study._storage, study._study_id)
             # A study without trials measured nothing yet: it takes the new settings.

@@ -24,7 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..config import DEFAULT_STORAGE, DEFAULT_STUDY
 from ..errors import HPSearchError, first_line
-from .schema import METRIC, StudyAttr, TrialAttr, TrialRow, study_attrs
+from .schema import METRIC, StudyAttr, TrialAttr, TrialRow, foreign_reason, study_attrs
 from .storage import artifact_dir, open_existing_storage, redact
 
 CHECKPOINT_NAME = "best_model.pt"  # the report's copy, in results/<study>/
@@ -98,9 +98,10 @@ def resolve_study(storage: optuna.storages.BaseStorage, url: str, name: str | No
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         study = optuna.load_study(study_name=name, storage=storage)
-    if len(study.directions) != 1:
-        raise HPSearchError(f"study {name!r} has {len(study.directions)} objectives; hpsearch reports "
-                            f"single-objective studies only")
+    reason = foreign_reason([d.name for d in study.directions], study.user_attrs, len(study.trials))
+    if reason is not None:
+        raise HPSearchError(f"study {name!r} was not created by hpsearch ({reason}); hpsearch reports its own "
+                            f"studies only (Optuna's own tools read any study)")
     return study
 
 
@@ -135,9 +136,12 @@ def list_studies(storage_url: str) -> list[dict]:
     for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False):
         trials = storage.get_all_trials(s._study_id, deepcopy=False)
         states = {st.name: sum(t.state == st for t in trials) for st in TrialState}
-        complete = [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        foreign = foreign_reason([d.name for d in s.directions], s.user_attrs, len(trials))
+        # A foreign study is listed too, without a best: its values need not be accuracies.
+        complete = [] if foreign else [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
         rows.append({
-            "study": s.study_name, "dataset": s.user_attrs.get(StudyAttr.DATASET), "trials": len(trials),
+            "study": s.study_name, "dataset": "(not hpsearch)" if foreign else s.user_attrs.get(StudyAttr.DATASET),
+            "trials": len(trials),
             "complete": states["COMPLETE"], "pruned": states["PRUNED"], "failed": states["FAIL"],
             "running": states["RUNNING"], "best": max(complete) if complete else None,
             "started": s.datetime_start.isoformat(timespec="seconds") if s.datetime_start else None,
