@@ -163,8 +163,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """An eval-mode model from a checkpoint: float images in [0, 1], [N, 1, H, W] -> logits [N, C]."""
-    return load_checkpoint(path, map_location)[0]
+    """An eval-mode model from a checkpoint: float images in [0, 1], [N, 1, H, W] -> logits [N, C].
+
+    It carries what it was trained on: `model.classes` (a tuple of str, logit i is classes[i]) and
+    `model.image_shape` ((H, W))."""
+    model, ckpt = load_checkpoint(path, map_location)
+    model.classes = tuple(str(c) for c in ckpt["classes"])
+    model.image_shape = image_shape_of(ckpt)
+    return model
 
 
 def image_shape_of(ckpt: dict) -> tuple[int, int]:

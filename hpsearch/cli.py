@@ -257,23 +257,37 @@ def export(
 @app.command()
 def predict(
     images: list[str] = typer.Argument(..., help="Image files (PNG, JPEG, ...; any size or mode)."),
-    checkpoint: Optional[str] = typer.Option(None, help="An hpsearch checkpoint (best_model.pt)."),
+    checkpoint: Optional[str] = typer.Option(None, help="An hpsearch checkpoint (best_model.pt), or its TorchScript or ONNX export."),
     study: Optional[str] = typer.Option(None, help="Use the checkpoint of this study's best trial."),
     storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
-    invert: bool = typer.Option(False, "--invert", help="Dark ink on a light background (scans): invert first."),
+    invert: Optional[bool] = typer.Option(None, "--invert/--no-invert", show_default=False,
+                                          help="Invert images first (dark ink on a light background), or never. "
+                                               "Default: images whose border is mostly light are inverted."),
     resize: str = typer.Option("auto", help="Images not 28x28: mnist (fit 20x20, centre of mass), fit (longer side 28) or auto (by dataset)."),
-    top: int = typer.Option(3, help="Classes listed per image in --json output."),
+    top: Optional[int] = typer.Option(None, min=1, help="Classes listed per image (default: 3 with --json, 1 in text)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
-    """Predict the class of image files with a checkpoint."""
+    """Predict the class of image files with a checkpoint (exit 1 if some files could not be read)."""
     from .export import predict_images
 
-    results = predict_images(images, _checkpoint_arg(checkpoint, study, storage), invert=invert, resize=resize, top=top)
+    k = top if top is not None else (3 if as_json else 1)
+    results = predict_images(images, _checkpoint_arg(checkpoint, study, storage), invert=invert, resize=resize,
+                             top=k, errors="report")
+
+    def report_problem(r) -> None:  # one line per file, naming it; the error messages already do
+        if r.error is not None:
+            err_console.print(f"[red]error:[/] {escape(r.error)}", soft_wrap=True, highlight=False)
+        elif r.warning is not None:
+            err_console.print(f"[yellow]warning:[/] {escape(f'{r.image}: {r.warning}')}", soft_wrap=True, highlight=False)
+
+    for r in results:
+        if not as_json and r.error is None:
+            print(r.text_line(k, mark_inverted=invert is None), flush=True)
+        report_problem(r)
     if as_json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
-        return
-    for r in results:
-        print(f"{r.image}\t{r.label}\t{r.probability:.4f}")
+    if any(r.error is not None for r in results):
+        raise typer.Exit(1)
 
 
 @app.command()

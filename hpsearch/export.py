@@ -3,20 +3,25 @@
 Exports take what the checkpoint's model takes: float images in [0, 1] shaped [N, 1, H, W]
 (input "images", any N), and return logits [N, classes] (output "logits"). Normalization is
 inside the model, so nothing else has to travel with it; the class names do anyway (TorchScript:
-the extra file `hpsearch.json`; ONNX: the metadata entry `hpsearch`).
+the extra file `hpsearch.json`; ONNX: the metadata entry `hpsearch`), so `predict` takes an
+export as well as a checkpoint.
 
-Images for `predict` are read with Pillow, any size and mode (palette, 16-bit, RGB, alpha:
-composited onto white), turned to grayscale in [0, 1], and then:
+Images for `predict` are read with Pillow, any size and mode (palette, 16-bit, RGB; transparent
+ones over a background that contrasts with their visible pixels), turned to grayscale in [0, 1],
+and then:
 
+- the datasets are light-on-dark: an image whose border is mostly light (median above mid-grey:
+  scans, photos on paper or a white table) is inverted. `invert=True/False` (`--invert`,
+  `--no-invert`) forces it either way;
 - an image already the model's size (28x28) is used as it is, as the dataset's own images are;
 - any other size is brought into the dataset's format. `mnist` (MNIST, KMNIST, idx) is the MNIST
   recipe: the background level (median of the border) is removed, the bounding box of the ink is
   scaled to fit 20x20 with its aspect ratio kept, and placed in 28x28 so that its centre of mass
   is in the middle. `fit` (Fashion-MNIST's recipe) scales the bounding box so its longer side is
-  28 and centres it. `auto` picks by the checkpoint's dataset.
+  28 and centres it. `auto` picks by the checkpoint's dataset. Ink is what stands out of the
+  background by more than its noise, so a noisy photo's background does not stretch the box.
 
-The datasets are light-on-dark: pass `invert=True` (`--invert`) for dark ink on a light
-background (scans, photos of paper, drawings on white).
+An image left (nearly) flat by the conversion gets a warning with its prediction.
 """
 
 from __future__ import annotations
@@ -25,8 +30,10 @@ import json
 import io
 import os
 import warnings
-from dataclasses import asdict, dataclass
+import zipfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,6 +44,7 @@ from .errors import HPSearchError, first_line
 FORMATS = ("pt", "torchscript", "onnx")
 RESIZE_MODES = ("auto", "mnist", "fit")
 ONNX_OPSET = 17
+BLANK_RANGE = 0.05  # max - min of a converted image below this: nothing to classify
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,6 +122,18 @@ def _export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str, metad
 # Reading images
 
 
+def _composite_alpha(im) -> np.ndarray:
+    """A transparent image -> gray in [0, 1]: its pixels over a background that contrasts with them."""
+    rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
+    alpha = rgba[..., 3]
+    gray = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)  # Pillow's "L" weights
+    # The visible pixels are the object: dark ones go over white (then auto-invert flips them to the
+    # dataset's light-on-dark), light ones over black. Fully transparent: all white, i.e. blank.
+    ink = float((gray * alpha).sum() / alpha.sum()) if alpha.sum() > 0 else 0.0
+    back = 1.0 if ink < 0.5 else 0.0
+    return (gray * alpha + back * (1.0 - alpha)).astype(np.float64)
+
+
 def _to_gray(path: Path) -> np.ndarray:
     """Any image file -> float64 [H, W] in [0, 1] (white = 1), or a one-line HPSearchError."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -136,9 +156,7 @@ def _to_gray(path: Path) -> np.ndarray:
                 a = np.nan_to_num(np.asarray(im, dtype=np.float64))
                 return np.clip(a / 255.0 if a.max() > 1.0 else a, 0, 1)
             if mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
-                rgba = im.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(white, rgba)
+                return _composite_alpha(im)
             return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
     except UnidentifiedImageError:
         raise HPSearchError(f"{path} is not an image (Pillow cannot identify its format)") from None
@@ -148,6 +166,25 @@ def _to_gray(path: Path) -> np.ndarray:
         raise HPSearchError(f"{path} is not a readable image ({first_line(exc, 160)})") from None
 
 
+def _border(gray: np.ndarray) -> np.ndarray:
+    """The pixels of a band round the edge (1 px on 28x28, ~3% of the side on photos)."""
+    w = max(1, min(gray.shape) // 32)
+    return np.concatenate([gray[:w].ravel(), gray[-w:].ravel(), gray[:, :w].ravel(), gray[:, -w:].ravel()])
+
+
+def _background(gray: np.ndarray) -> tuple[float, float]:
+    """(level, noise) of the background: the border's median and its robust spread (MAD as a sigma)."""
+    border = _border(gray)
+    level = float(np.median(border))
+    return level, 1.4826 * float(np.median(np.abs(border - level)))
+
+
+def has_light_background(gray: np.ndarray) -> bool:
+    """Dark ink on a light background (scans, photos on paper): the border is mostly lighter than
+    mid-grey. The median, so noise, JPEG ringing and an object touching an edge do not decide it."""
+    return _background(gray)[0] > 0.5
+
+
 def _resize(a: np.ndarray, height: int, width: int) -> np.ndarray:
     from PIL import Image
 
@@ -155,18 +192,27 @@ def _resize(a: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(im.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float64)
 
 
+def _ink_box(a: np.ndarray, noise: float) -> np.ndarray:
+    """`a` cropped to the bounding box of its ink (the whole of `a` if it has none)."""
+    ink = a > max(0.1, 4.0 * noise)
+    if noise > 0:
+        # A noisy background has stray bright pixels everywhere: a row or column needs two to count.
+        rows, cols = np.flatnonzero(ink.sum(1) >= 2), np.flatnonzero(ink.sum(0) >= 2)
+    else:
+        rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    if rows.size and cols.size:
+        return a[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    return a
+
+
 def to_dataset_format(gray: np.ndarray, image_shape: tuple[int, int] = (28, 28), mode: str = "mnist") -> np.ndarray:
     """A light-on-dark grayscale image of any size -> image_shape, the MNIST (or `fit`) way."""
     H, W = image_shape
     if gray.shape == (H, W):
         return gray
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    background = float(np.median(border))
-    a = np.clip((gray - background) / max(1.0 - background, 1e-6), 0, 1)
-    ink = a > 0.1
-    if ink.any():
-        rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
-        a = a[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    background, noise = _background(gray)
+    span = max(1.0 - background, 1e-6)
+    a = _ink_box(np.clip((gray - background) / span, 0, 1), noise / span)
     box_h, box_w = (H - 8, W - 8) if mode == "mnist" else (H, W)
     scale = min(box_h / a.shape[0], box_w / a.shape[1])
     h = max(1, min(box_h, round(a.shape[0] * scale)))
@@ -184,13 +230,125 @@ def to_dataset_format(gray: np.ndarray, image_shape: tuple[int, int] = (28, 28),
     return out
 
 
-def load_image(path: str | os.PathLike, image_shape: tuple[int, int] = (28, 28), invert: bool = False,
+def prepare_image(path: str | os.PathLike, image_shape: tuple[int, int] = (28, 28), invert: bool | None = None,
+                  mode: str = "mnist") -> tuple[torch.Tensor, bool]:
+    """(the model's input, float32 [1, H, W] light on dark; whether it was inverted).
+
+    invert=None decides by the background (`has_light_background`); True or False force it."""
+    gray = _to_gray(Path(path))
+    inverted = has_light_background(gray) if invert is None else bool(invert)
+    if inverted:
+        gray = 1.0 - gray
+    return torch.from_numpy(to_dataset_format(gray, image_shape, mode)).float().unsqueeze(0), inverted
+
+
+def load_image(path: str | os.PathLike, image_shape: tuple[int, int] = (28, 28), invert: bool | None = None,
                mode: str = "mnist") -> torch.Tensor:
     """An image file as the model's input: float32 [1, H, W] in [0, 1], light on dark."""
-    gray = _to_gray(Path(path))
-    if invert:
-        gray = 1.0 - gray
-    return torch.from_numpy(to_dataset_format(gray, image_shape, mode)).float().unsqueeze(0)
+    return prepare_image(path, image_shape, invert, mode)[0]
+
+
+def blank_warning(x: torch.Tensor) -> str | None:
+    """A warning when a converted image is (nearly) one flat value: its class means nothing."""
+    if float(x.max() - x.min()) < BLANK_RANGE:
+        return "blank after conversion (no ink left: an empty or fully transparent image?); its class means nothing"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Models to predict with: checkpoints, TorchScript and ONNX exports
+
+
+@dataclass
+class Classifier:
+    """What `predict` needs from a model file: images [N, 1, H, W] -> logits, and its metadata."""
+    run: Callable[[torch.Tensor], torch.Tensor]
+    classes: tuple[str, ...]
+    image_shape: tuple[int, int]
+    dataset: str | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+
+def _export_info(text: str, path: Path, kind: str) -> tuple[tuple[str, ...], tuple[int, int], str | None]:
+    """(classes, image shape, dataset) from an export's embedded `_metadata`, or a one-line error."""
+    try:
+        info = json.loads(text) if text else None
+        if not isinstance(info["classes"], list):
+            raise TypeError("classes is not a list")
+        classes = tuple(str(c) for c in info["classes"])
+        height, width = (int(v) for v in info["image_shape"])
+        meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
+    except (TypeError, ValueError, KeyError, AttributeError):
+        raise HPSearchError(f"{path} is a {kind} file without hpsearch's metadata (class names, image size): "
+                            f"make it with `hpsearch export`, or pass the .pt checkpoint") from None
+    return classes, (height, width), meta.get("dataset")
+
+
+def _model_kind(path: Path) -> str:
+    """Which loader: onnx, torchscript, or checkpoint (which also reports missing and foreign files)."""
+    if path.suffix.lower() == ".onnx":
+        return "onnx"
+    if path.is_file() and zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (OSError, zipfile.BadZipFile):
+            return "checkpoint"
+        # torch.jit.save's archives carry their code; torch.save's hold only data.
+        if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+            return "torchscript"
+    return "checkpoint"
+
+
+def _load_torchscript(path: Path) -> Classifier:
+    extra = {"hpsearch.json": ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice (torch >= 2.14)
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError and others for foreign files
+        raise HPSearchError(f"{path} is not a readable TorchScript file ({first_line(exc, 160)})") from None
+    classes, shape, dataset = _export_info(extra["hpsearch.json"], path, "TorchScript")
+    return Classifier(module.eval(), classes, shape, dataset)
+
+
+def _load_onnx(path: Path) -> Classifier:
+    if not path.is_file():
+        raise HPSearchError(f"checkpoint {path} does not exist" if not path.exists() else f"checkpoint {path} is not a file")
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise HPSearchError(f"{path} is an ONNX file: predicting with it needs onnxruntime "
+                            f"(pip install 'hpsearch[export]'), or pass the .pt checkpoint") from None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings would go to stderr
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+        raise HPSearchError(f"{path} is not a readable ONNX model ({first_line(exc, 160)})") from None
+    text = session.get_modelmeta().custom_metadata_map.get("hpsearch", "")
+    classes, shape, dataset = _export_info(text, path, "ONNX")
+    name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: x.numpy().astype(np.float32)})[0])
+
+    return Classifier(run, classes, shape, dataset)
+
+
+def load_classifier(path: str | os.PathLike) -> Classifier:
+    """A checkpoint (.pt), or an export of one: TorchScript (any name) or ONNX (.onnx, with onnxruntime)."""
+    path = Path(path)
+    kind = _model_kind(path)
+    if kind == "onnx":
+        return _load_onnx(path)
+    if kind == "torchscript":
+        return _load_torchscript(path)
+    model, ckpt = load_checkpoint(path)
+    meta = ckpt["meta"] if isinstance(ckpt["meta"], dict) else {}
+    return Classifier(model, tuple(ckpt["classes"]), image_shape_of(ckpt), meta.get("dataset"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,40 +357,80 @@ def load_image(path: str | os.PathLike, image_shape: tuple[int, int] = (28, 28),
 
 @dataclass
 class Prediction:
+    """One image's result. `error` set: the file could not be read, and nothing else is."""
     image: str
-    index: int
-    label: str
-    probability: float
-    top: list[dict]
+    index: int | None = None
+    label: str | None = None
+    probability: float | None = None
+    top: list[dict] = field(default_factory=list)
+    inverted: bool = False
+    warning: str | None = None
+    error: str | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON: image, index, label, probability, top, inverted (and warning if any); or image, error."""
+        if self.error is not None:
+            return {"image": self.image, "error": self.error}
+        d = asdict(self)
+        del d["error"]
+        if d["warning"] is None:
+            del d["warning"]
+        return d
+
+    def text_line(self, top: int = 1, mark_inverted: bool = False) -> str:
+        """image, label, probability, tab-separated; with top > 1, the next classes and theirs after them."""
+        fields = [self.image] + [f"{t['label']}\t{t['probability']:.4f}" for t in self.top[:max(1, top)]]
+        if mark_inverted and self.inverted:
+            fields.append("(auto-inverted)")
+        return "\t".join(fields)
 
 
-def resize_mode_for(ckpt: dict, requested: str = "auto") -> str:
+def resize_mode_for(dataset: str | None, requested: str = "auto") -> str:
     if requested not in RESIZE_MODES:
         raise HPSearchError(f"unknown --resize {requested!r}; choose one of {', '.join(RESIZE_MODES)}")
     if requested != "auto":
         return requested
-    return "fit" if ckpt.get("meta", {}).get("dataset") == "fashion-mnist" else "mnist"
+    return "fit" if dataset == "fashion-mnist" else "mnist"
+
+
+def _read_images(paths, shape, invert, mode, errors: str) -> tuple[list[Prediction], list[torch.Tensor]]:
+    results, inputs = [], []
+    for p in paths:
+        try:
+            x, inverted = prepare_image(p, shape, invert, mode)
+        except HPSearchError as exc:
+            if errors == "raise":
+                raise
+            results.append(Prediction(str(p), error=str(exc)))
+            continue
+        inputs.append(x)
+        results.append(Prediction(str(p), inverted=inverted, warning=blank_warning(x)))
+    return results, inputs
 
 
 @torch.no_grad()
-def predict_images(paths: list[str | os.PathLike], checkpoint: str | os.PathLike, invert: bool = False,
-                   resize: str = "auto", top: int = 3) -> list[Prediction]:
-    """Classify image files with a checkpoint's model: the class and its probability for each."""
+def predict_images(paths: list[str | os.PathLike], checkpoint: str | os.PathLike, invert: bool | None = None,
+                   resize: str = "auto", top: int = 3, errors: str = "raise") -> list[Prediction]:
+    """Classify image files with a model file (see `load_classifier`): the class and its probability
+    for each, in order.
+
+    invert: None inverts images with a light background, True/False force it. errors="raise" stops
+    at the first unreadable image (an HPSearchError); "report" returns it with `error` set instead.
+    """
     if not paths:
         raise HPSearchError("give at least one image file")
-    model, ckpt = load_checkpoint(checkpoint)
-    shape = image_shape_of(ckpt)
-    mode = resize_mode_for(ckpt, resize)
-    x = torch.stack([load_image(p, shape, invert, mode) for p in paths])
-    probs = model(x).float().softmax(-1)
-    classes = ckpt["classes"]
-    k = max(1, min(top, len(classes)))
-    values, indices = probs.topk(k, dim=-1)
-    out = []
-    for path, vals, idx in zip(paths, values.tolist(), indices.tolist()):
-        out.append(Prediction(str(path), idx[0], classes[idx[0]], vals[0],
-                              [{"index": i, "label": classes[i], "probability": v} for i, v in zip(idx, vals)]))
-    return out
+    if errors not in ("raise", "report"):
+        raise ValueError(f"errors must be 'raise' or 'report', not {errors!r}")
+    clf = load_classifier(checkpoint)
+    results, inputs = _read_images(paths, clf.image_shape, invert, resize_mode_for(clf.dataset, resize), errors)
+    if not inputs:
+        return results
+    probs = clf(torch.stack(inputs)).float().softmax(-1)
+    if probs.shape[-1] != len(clf.classes):
+        raise HPSearchError(f"{checkpoint} gives {probs.shape[-1]} outputs for {len(clf.classes)} class names")
+    values, indices = probs.topk(max(1, min(top, len(clf.classes))), dim=-1)
+    read = [r for r in results if r.error is None]
+    for r, vals, idx in zip(read, values.tolist(), indices.tolist()):
+        r.index, r.label, r.probability = idx[0], clf.classes[idx[0]], vals[0]
+        r.top = [{"index": i, "label": clf.classes[i], "probability": v} for i, v in zip(idx, vals)]
+    return results

@@ -88,6 +88,16 @@ def test_torchscript_and_onnx_agree_with_checkpoint(trained):
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["hpsearch"])["classes"][1] == "Trouser"
 
+    # `predict` takes both exports as its model, with their embedded class names
+    from hpsearch.export import load_classifier
+
+    for path in (ts_path, onnx_path):
+        clf = load_classifier(path)
+        assert clf.classes == tuple(trained["data"].classes) and clf.image_shape == (28, 28)
+        assert clf.dataset == "fashion-mnist"
+        with torch.no_grad():
+            assert (clf(x[:500]).argmax(-1) == trained["pred"][:500]).float().mean() >= 0.998
+
     copy = export_model(trained["path"], "pt", trained["tmp"] / "copy.pt")
     assert torch.load(copy, weights_only=True)["meta"]["note"] == "test"
 
@@ -120,9 +130,13 @@ def test_predict_png_returns_labels(trained, tmp_path):
     assert all(0.1 < r.probability <= 1 for r in results)
     assert [r.index for r in results] == [int(data.test_y[i]) for i in idx]
 
-    # dark-on-light scans: --invert recovers them
+    assert not any(r.inverted for r in results)
+
+    # dark-on-light scans: inverted automatically (their border is light), or by --invert
     inv_paths = [_save(255 - img, tmp_path / f"inv{i}.png") for i, img in zip(idx, images)]
     assert [r.label for r in predict_images(inv_paths, trained["path"], invert=True)] == labels
+    auto = predict_images(inv_paths, trained["path"])
+    assert [r.label for r in auto] == labels and all(r.inverted for r in auto)
 
     # the command line, with --json
     proc = subprocess.run([sys.executable, "-m", "hpsearch", "predict", *paths[:6], *inv_paths[:2],
@@ -131,7 +145,8 @@ def test_predict_png_returns_labels(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert [r["label"] for r in out[:6]] == labels[:6]
-    assert {"image", "index", "label", "probability", "top"} <= set(out[0]) and len(out[0]["top"]) == 3
+    assert {"image", "index", "label", "probability", "top", "inverted"} <= set(out[0]) and len(out[0]["top"]) == 3
+    assert [r["inverted"] for r in out] == [False] * 6 + [True] * 2
 
 
 def test_predict_other_sizes_and_modes(trained, tmp_path):
@@ -220,11 +235,13 @@ def test_bad_checkpoints_and_images(trained, tmp_path, monkeypatch, capsys):
     with pytest.raises(HPSearchError, match="unknown export format"):
         export_model(trained["path"], "tflite", tmp_path / "m")
 
-    # the command line: one line on stderr, non-zero exit, no traceback
+    # the command line: one line on stderr, non-zero exit (1: an image, 2: the checkpoint), no traceback
     code, _, err = cli(["predict", str(fake), "--checkpoint", str(trained["path"])], monkeypatch, capsys)
     assert_one_line_error(code, err, "not an image")
+    assert code == 1
     code, _, err = cli(["predict", str(fake), "--checkpoint", str(text)], monkeypatch, capsys)
     assert_one_line_error(code, err, "not an hpsearch checkpoint")
+    assert code == 2
     code, _, err = cli(["export", "--checkpoint", str(pickled), "--format", "onnx", "--out", str(tmp_path / "m.onnx")],
                        monkeypatch, capsys)
     assert_one_line_error(code, err, "would run code")
