@@ -23,6 +23,7 @@ except ImportError:  # Windows: no flock; workers there rely on the after-ask ch
     fcntl = None
 
 from ..errors import HPSearchError, first_line
+from .journal import RepairingJournalBackend
 
 if TYPE_CHECKING:
     from .liveness import Liveness
@@ -225,7 +226,7 @@ def open_storage(url: str, liveness: Liveness | None = None) -> optuna.storages.
                 if file is None:
                     raise HPSearchError(f"journal storage {url!r} names no file; use journal:path/to/file.log")
                 file.parent.mkdir(parents=True, exist_ok=True)
-                return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(file)))
+                return optuna.storages.JournalStorage(RepairingJournalBackend(str(file)))
             engine_kwargs = {}
             if url.startswith(("postgresql", "mysql")):
                 # An unreachable server fails in seconds, not after the TCP timeout.
