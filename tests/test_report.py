@@ -19,6 +19,16 @@ CHARTS = ("importance", "history", "best_over_time", "intermediate", "parallel",
 from conftest import assert_one_line_error, cli
 
 
+def assert_one_plotly_js(out):
+    """plotly.js is written once in a report folder: plotly.min.js, beside index.html."""
+    from plotly.offline import get_plotlyjs
+
+    head = get_plotlyjs()[:2000].encode()
+    copies = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and head in p.read_bytes()]
+    assert copies == ["plotly.min.js"], copies
+    assert (out / "plotly.min.js").read_text() == get_plotlyjs()
+
+
 def copy_db(src, dst):
     """Copy a SQLite database consistently (WAL mode: the file alone may not hold everything yet)."""
     with sqlite3.connect(src) as source, sqlite3.connect(dst) as target:
@@ -45,19 +55,16 @@ def study_report(tmp_path_factory, fashion_dir):
 def test_report_writes_every_file(study_report):
     out = study_report["out"]
     assert study_report["index"] == out / "index.html"
-    for name in ("index.html", "trials.csv", "best.json", "best_model.pt", "summary.json", "charts/plotly.min.js"):
+    for name in ("index.html", "trials.csv", "best.json", "best_model.pt", "summary.json", "plotly.min.js"):
         assert (out / name).is_file(), name
+    assert_one_plotly_js(out)
     for chart in CHARTS:
         page = (out / "charts" / f"{chart}.html").read_text()
-        assert re.search(r'<script[^>]*src="plotly.min.js"', page), chart  # opens offline: plotly.js beside it
+        assert re.search(r'<script[^>]*src="../plotly.min.js"', page), chart  # opens offline: the folder's copy
     page = study_report["index"].read_text()
-    # self-contained: plotly.js embedded exactly once, nothing fetched from the network
-    from plotly.offline import get_plotlyjs
-
-    assert page.count(get_plotlyjs()[:2000]) == 1
-    rest = page.replace(get_plotlyjs(), "")
-    assert not re.search(r"<script[^>]+src=", rest)
-    assert "cdn.plot.ly" not in rest and not re.search(r"(src|href)=[\"']https?:", rest)
+    # offline: plotly.js from the folder's one copy, nothing fetched from the network
+    assert re.findall(r"<script[^>]+src=[\"']([^\"']+)", page) == ["plotly.min.js"]
+    assert "cdn.plot.ly" not in page and not re.search(r"(src|href)=[\"']https?:", page)
     for chart in CHARTS:
         assert f'id="chart-{chart}"' in page, chart
         assert f"charts/{chart}.html" in page
@@ -173,13 +180,14 @@ def test_report_bad_studies(tmp_path, monkeypatch, capsys):
     assert_one_line_error(code, err, "no study storage")
     assert not (tmp_path / "s.db").exists()  # reading never creates a database
 
-    optuna.create_study(study_name="empty", storage=storage)
+    optuna.create_study(study_name="empty", storage=storage, direction="maximize")
     code, _, err = cli(["report", "--storage", storage, "--study", "missing"], monkeypatch, capsys)
     assert_one_line_error(code, err, "no study 'missing'", "empty")
     code, _, err = cli(["report", "--storage", storage, "--study", "empty"], monkeypatch, capsys)
     assert_one_line_error(code, err, "has no trials yet")
 
-    failed = optuna.create_study(study_name="failed", storage=storage)
+    failed = optuna.create_study(study_name="failed", storage=storage, direction="maximize")
+    failed.set_user_attr("dataset", "fashion-mnist")  # an hpsearch study (others' studies are refused)
     for _ in range(2):
         failed.tell(failed.ask(), state=TrialState.FAIL)
     code, _, err = cli(["report", "--storage", storage, "--study", "failed"], monkeypatch, capsys)
@@ -213,14 +221,15 @@ def test_index_renders_in_headless_chromium(study_report, tmp_path):
     assert dom.count('class="main-svg"') >= len(CHARTS)
 
 
-def test_foreign_and_tiny_studies(tmp_path):
-    """A study made by other code (no hpsearch attributes), with one complete trial: charts that
-    need more trials say so, and retraining says what is missing."""
+def test_tiny_studies(tmp_path):
+    """A study with one complete trial and few attributes: charts that need more trials say so.
+    (Studies hpsearch did not make are refused: tests/test_foreign.py.)"""
     from hpsearch.errors import HPSearchError
     from hpsearch.report import write_report
 
     storage = f"sqlite:///{tmp_path}/other.db"
     study = optuna.create_study(study_name="other", storage=storage, direction="maximize")
+    study.set_user_attr("dataset", "fashion-mnist")
     study.enqueue_trial({"lr": 0.01, "layer_size": 64})
     study.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-1, log=True) + t.suggest_int("layer_size", 32, 256) / 1e4,
                    n_trials=1)
@@ -228,8 +237,6 @@ def test_foreign_and_tiny_studies(tmp_path):
     page = index.read_text()
     assert 'id="chart-history"' in page and 'id="chart-importance"' not in page
     assert "not available: needs at least 2 complete trials" in page
-    with pytest.raises(HPSearchError, match="does not say which dataset"):
-        write_report("other", storage, tmp_path / "out2", retrain=True)
     with pytest.raises(HPSearchError, match="unknown importance evaluator"):
         write_report("other", storage, tmp_path / "out3", retrain=False, importance="anova")
     try:  # Optuna's fANOVA fits a scikit-learn forest: without it, a one-line error says so
@@ -255,3 +262,117 @@ def test_study_from_another_machine(study_report, tmp_path):
     original = json.loads((study_report["out"] / "best.json").read_text())
     assert any("/elsewhere/fashion-mnist is not here" in line for line in logs)
     assert moved["test_accuracy"] == original["test_accuracy"] and moved["artifact"] is None
+
+
+def _copy_report(study_report, tmp_path):
+    """A copy of the fixture's study and of its report folder, to change without disturbing others."""
+    copy_db(study_report["tmp"] / "studies" / "s.db", tmp_path / "copy.db")
+    shutil.copytree(study_report["out"], tmp_path / "out")
+    return f"sqlite:///{tmp_path}/copy.db", tmp_path / "out"
+
+
+def test_report_reuses_the_best_model_until_the_best_trial_changes(study_report, tmp_path, monkeypatch, capsys):
+    """An unchanged study: the checkpoint is reused (not retrained), and the page still has its
+    test results; --retrain retrains it; a new best trial is retrained without asking."""
+    storage, out = _copy_report(study_report, tmp_path)
+    ckpt = out / "best_model.pt"
+    before, mtime = ckpt.read_bytes(), ckpt.stat().st_mtime_ns
+    best = json.loads((out / "best.json").read_text())
+    (out / "charts" / "plotly.min.js").write_text("old copy")  # as older reports left it
+    code, text, err = cli(["report", "--storage", storage, "--out", str(out)], monkeypatch, capsys)
+    assert code == 0, err
+    assert (f"reusing best_model.pt of trial {best['trial']} (same config); --retrain to train it again"
+            in text.replace("\n", " "))
+    assert "retraining" not in text
+    assert ckpt.read_bytes() == before and ckpt.stat().st_mtime_ns == mtime
+    again = json.loads((out / "best.json").read_text())
+    assert again["test_accuracy"] == best["test_accuracy"] and again["created"] == best["created"]
+    page = (out / "index.html").read_text()
+    for chart in ("confusion_matrix", "misclassified", "retrain_curves", "samples"):
+        assert f'id="chart-{chart}"' in page, chart
+    assert "test accuracy" in page and f"{best['test_accuracy']:.4f}" in text
+    assert_one_plotly_js(out)
+
+    code, text, err = cli(["report", "--storage", storage, "--out", str(out), "--retrain"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "reusing" not in text and f"retraining trial {best['trial']}" in text
+    assert ckpt.stat().st_mtime_ns != mtime
+    # --device defaults to auto, as for `run`
+    assert json.loads((out / "best.json").read_text())["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+    study = optuna.load_study(study_name="t", storage=storage)
+    old = study.best_trial
+    attrs = {**old.user_attrs, "config": {**old.user_attrs["config"], "epochs": 1}}
+    study.add_trial(optuna.trial.create_trial(params=old.params, distributions=old.distributions, value=0.99,
+                                              user_attrs=attrs))
+    logs = []
+    from hpsearch.report import write_report
+
+    write_report("t", storage, out, log=logs.append)
+    new = json.loads((out / "best.json").read_text())
+    assert new["trial"] == 4 and new["epochs"] == 1
+    assert any(f"it is of trial {best['trial']}, the best trial is now 4; retraining" in line for line in logs)
+    assert any(line.startswith("retraining trial 4") for line in logs), logs
+
+
+def test_a_changed_or_incomplete_best_json_is_retrained(study_report, tmp_path):
+    from hpsearch.report import write_report
+
+    storage, out = _copy_report(study_report, tmp_path)
+    best = json.loads((out / "best.json").read_text())
+    del best["confusion_matrix"]  # e.g. written by an older hpsearch
+    (out / "best.json").write_text(json.dumps(best))
+    logs = []
+    write_report("t", storage, out, log=logs.append)
+    assert any("best.json lacks confusion_matrix; retraining" in line for line in logs), logs
+    assert "confusion_matrix" in json.loads((out / "best.json").read_text())
+
+    best = json.loads((out / "best.json").read_text())
+    best["retrain_key"]["trainer"] = -1  # made by another trainer
+    (out / "best.json").write_text(json.dumps(best))
+    logs = []
+    write_report("t", storage, out, log=logs.append)
+    assert any("its trainer changed; retraining" in line for line in logs), logs
+
+
+def test_importance_from_few_trials_says_it_is_rough(study_report, tmp_path):
+    from hpsearch.report import write_report
+
+    page = study_report["index"].read_text()
+    assert "from 4 complete trials; fewer than 20: treat as rough" in page
+    assert json.loads((study_report["out"] / "summary.json").read_text())["importance"]["complete_trials"] == 4
+
+    storage = f"sqlite:///{tmp_path}/many.db"
+    study = optuna.create_study(study_name="many", storage=storage, direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    study.set_user_attr("dataset", "fashion-mnist")  # reported as an hpsearch study (no retraining here)
+    study.optimize(lambda t: t.suggest_float("lr", 1e-4, 1e-1, log=True) + t.suggest_int("layer_size", 32, 256) / 1e4,
+                   n_trials=20)
+    page = write_report("many", storage, tmp_path / "out", retrain=False).read_text()
+    assert "from 20 complete trials." in page and "treat as rough" not in page
+
+
+def _row(number, state, curve, value=None, params=1000):
+    from hpsearch.study.schema import TrialRow
+
+    return TrialRow(number=number, state=state, value=value, params={"lr": 0.01},
+                    intermediate={e + 1: v for e, v in enumerate(curve)}, attrs={"param_count": params})
+
+
+def test_accuracy_axes_fit_the_good_trials():
+    """A few diverged trials at 0.1 do not squash the others into a line at the top."""
+    from hpsearch.report.figures import learning_curves_figure, size_figure
+
+    good = [_row(i, "COMPLETE", [v - 0.05, v], v, 1000 * (i + 1)) for i, v in enumerate((0.80, 0.82, 0.84, 0.85, 0.86, 0.88))]
+    best = good[-1]
+    assert learning_curves_figure(good, best).layout.yaxis.range is None  # nothing diverged: autoscale
+    assert size_figure(good, best).layout.yaxis.range is None
+    diverged = [_row(6, "PRUNED", [0.1, 0.1], None), _row(7, "COMPLETE", [0.12, 0.1], 0.1),
+                _row(8, "PRUNED", [0.1], None)]
+    diverged[0].attrs["best_val_acc"] = 0.1
+    trials = good + diverged
+    for fig in (learning_curves_figure(trials, best), size_figure(trials, best)):
+        low, high = fig.layout.yaxis.range
+        assert 0.12 < low <= 0.80 and 0.88 < high <= 0.9
+        assert "double-click to see all" in fig.layout.annotations[-1].text
+    assert "3 trials entirely below" in learning_curves_figure(trials, best).layout.annotations[-1].text

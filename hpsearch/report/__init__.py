@@ -1,14 +1,17 @@
 """`hpsearch report`: a study's storage in, one self-contained results folder out.
 
 Everything comes from the storage (study and trial user attributes, intermediate values), so a
-report can be made while the study is still running, or on a study another machine ran. With
-`retrain` (the default) the best configuration is retrained from scratch on the study's training
-split (same data, same seed: the same model the trial trained, bit for bit on the CPU), then
-evaluated once on the test split, and saved as a checkpoint.
+report can be made while the study is still running, or on a study another machine ran. The best
+configuration is retrained from scratch on the study's training split (same data, same seed: the
+same model the trial trained, bit for bit on the CPU), then evaluated once on the test split, and
+saved as a checkpoint. A later report of the same folder reuses that checkpoint while the best
+trial, its configuration, the data and the trainer are unchanged (it only tests it again);
+`retrain=True` retrains anyway, `retrain=False` neither retrains nor tests.
 
     results/<study>/
-      index.html          one page, opens offline (plotly.js embedded once), links everything
-      charts/*.html       each chart alone (+ charts/plotly.min.js beside them, for offline use)
+      index.html          one page, opens offline, links everything
+      plotly.min.js       plotly.js, the folder's only copy: index.html and the charts load it (no CDN)
+      charts/*.html       each chart alone (loading ../plotly.min.js)
       trials.csv          one row per trial: params, state, value, duration, user attrs
       summary.json        the study at a glance: settings, trial counts, best trial, importances
       best.json           best params, validation and test accuracy, per-class P/R/F1, versions
@@ -33,10 +36,10 @@ from ..study.view import ARTIFACT_PREFIX, CHECKPOINT_NAME, find_study_checkpoint
 from .build import study_charts, write_report
 from .figures import Chart
 from .html import render_index
-from .retrain import Evaluation, Retrained, evaluate, retrain_best, versions
+from .retrain import RETRAIN_VERSION, Evaluation, Retrained, evaluate, retrain_best, reuse_best, versions
 
 __all__ = [
-    "ARTIFACT_PREFIX", "CHECKPOINT_NAME", "Chart", "Evaluation", "IMPORTANCE_EVALUATORS", "Retrained",
-    "artifact_dir", "evaluate", "find_study_checkpoint", "render_index", "retrain_best", "store_artifact",
-    "study_charts", "versions", "write_report",
+    "ARTIFACT_PREFIX", "CHECKPOINT_NAME", "Chart", "Evaluation", "IMPORTANCE_EVALUATORS", "RETRAIN_VERSION",
+    "Retrained", "artifact_dir", "evaluate", "find_study_checkpoint", "render_index", "retrain_best", "reuse_best",
+    "store_artifact", "study_charts", "versions", "write_report",
 ]

@@ -20,8 +20,12 @@ from ..study import charts as optuna_charts
 from ..study.charts import IMPORTANCE_EVALUATORS
 from ..study.view import CHECKPOINT_NAME, Log, StudyView, open_view, study_summary, trials_frame
 from .figures import Chart, best_so_far_figure, learning_curves_figure, size_figure
-from .html import render_index
-from .retrain import Retrained, retrain_best
+from .html import PLOTLY_JS, render_index
+from .retrain import Retrained, retrain_best, reuse_best
+
+# PED-ANOVA (the default evaluator) contrasts the top 10% of trials with the rest: below 20
+# complete trials that top is one trial, so the importances are rough.
+IMPORTANCE_ROUGH_BELOW = 20
 
 
 def _add_chart(charts: list[Chart], log: Log, name: str, title: str, make: Callable, note: str = "") -> None:
@@ -55,12 +59,19 @@ def _importances(view: StudyView, evaluator, complete: int, log: Log) -> dict:
         return {}
 
 
+def importance_note(label: str, complete: int) -> str:
+    """Which evaluator, from how many complete trials, and whether that is too few to trust."""
+    note = f"Evaluator: {label}, from {complete} complete trials"
+    if complete < IMPORTANCE_ROUGH_BELOW:
+        note += f"; fewer than {IMPORTANCE_ROUGH_BELOW}: treat as rough"
+    return note + "."
+
+
 def _importance_chart(charts: list[Chart], log: Log, view: StudyView, evaluator, label: str,
                       importances: dict, complete: int) -> None:
     if importances:
         _add_chart(charts, log, "importance", f"Hyperparameter importance: {label}",
-                   lambda: optuna_charts.importance_figure(view, evaluator, label),
-                   f"Evaluator: {label}, over {complete} complete trials.")
+                   lambda: optuna_charts.importance_figure(view, evaluator, label), importance_note(label, complete))
     else:
         charts.append(Chart("importance", "Hyperparameter importance", None,
                             f"not available: needs at least 2 complete trials with varied parameters "
@@ -108,21 +119,45 @@ def _write_best(out_dir: Path, retrained: Retrained) -> list[str]:
     return ["best.json", CHECKPOINT_NAME]
 
 
+def _write_plotly_js(out_dir: Path) -> None:
+    """plotly.min.js, once, in the report folder: index.html and charts/*.html load it from there
+    (offline, no CDN); rewritten only when plotly changed."""
+    from plotly.offline import get_plotlyjs
+
+    js = get_plotlyjs()
+    path = out_dir / PLOTLY_JS
+    if not path.is_file() or path.stat().st_size != len(js.encode()) or path.read_text(encoding="utf-8") != js:
+        atomic_write(path, lambda tmp: Path(tmp).write_text(js, encoding="utf-8"))
+    (out_dir / "charts" / PLOTLY_JS).unlink(missing_ok=True)  # the second copy older reports wrote
+
+
 def _write_charts(out_dir: Path, charts: list[Chart]) -> list[str]:
-    """charts/<name>.html for every drawn chart, with plotly.min.js beside them (offline)."""
+    """charts/<name>.html for every drawn chart, loading ../plotly.min.js."""
+    _write_plotly_js(out_dir)
     files = []
     for chart in charts:
         if chart.fig is not None:
-            chart.fig.write_html(out_dir / "charts" / f"{chart.name}.html", include_plotlyjs="directory",
+            chart.fig.write_html(out_dir / "charts" / f"{chart.name}.html", include_plotlyjs=f"../{PLOTLY_JS}",
                                  full_html=True, config={"displaylogo": False})
             files.append(f"charts/{chart.name}.html")
     return files
 
 
+def _best_model(view: StudyView, out_dir: Path, retrain: bool | None, device: str, data_dir: str | None,
+                artifact: bool, log: Log) -> Retrained:
+    """The earlier report's model when it is still the best trial's (retrain None), else retrained."""
+    reused = reuse_best(view, out_dir, data_dir, log, artifact=artifact) if retrain is None else None
+    return reused or retrain_best(view, out_dir, device, data_dir, log, artifact=artifact)
+
+
 def write_report(study: str | None = None, storage: str = DEFAULT_STORAGE, out: str | os.PathLike | None = None,
-                 retrain: bool = True, importance: str = "ped-anova", device: str = "cpu",
+                 retrain: bool | None = None, importance: str = "ped-anova", device: str = "cpu",
                  data_dir: str | None = None, artifact: bool = True, log: Log | None = None) -> Path:
-    """Write the report folder of a study; returns the path of its index.html."""
+    """Write the report folder of a study; returns the path of its index.html.
+
+    `retrain`: None retrains the best trial only when the folder's best_model.pt is not already its
+    model (same trial, configuration, data and trainer); True always retrains; False neither
+    retrains nor tests (no best.json, no model)."""
     log = log or (lambda msg: None)
     if study is not None:
         check_study_name(study)
@@ -133,13 +168,15 @@ def write_report(study: str | None = None, storage: str = DEFAULT_STORAGE, out: 
     summary = study_summary(view)
     with optuna_charts.quiet_optuna():
         charts, importances, evaluator_label = study_charts(view, importance, log)
-    summary["importance"] = {"evaluator": evaluator_label, "values": importances}
+    complete = sum(t.state == "COMPLETE" for t in view.trials)
+    summary["importance"] = {"evaluator": evaluator_label, "values": importances, "complete_trials": complete,
+                             "note": importance_note(evaluator_label, complete)}
 
     trials_frame(view).to_csv(out_dir / "trials.csv", index=False)
     files = ["trials.csv"]
     retrained = None
-    if retrain:
-        retrained = retrain_best(view, out_dir, device, data_dir, log, artifact)
+    if retrain is not False:
+        retrained = _best_model(view, out_dir, retrain, device, data_dir, artifact, log)
         charts += retrained.charts
         files += _write_best(out_dir, retrained)
     files += _write_charts(out_dir, charts)

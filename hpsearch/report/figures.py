@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 GALLERY_SIZE = 36
 SAMPLES_PER_CLASS = 10
+FIT_MIN_COMPLETE = 4  # fewer complete trials cannot tell the good ones from the diverged
 
 # Line styles of the learning curves by trial state (TrialRow.state).
 _CURVE_STYLES = {
@@ -50,6 +51,38 @@ def _epoch_tick(epochs: int) -> int:
     return max(1, math.ceil(epochs / 12))
 
 
+def fitted_accuracy_range(per_trial: list[list[float]], complete: list[float]) -> list[float] | None:
+    """A y-range for accuracies that fits the good trials, so that a few diverged ones (at chance,
+    0.1) do not squash the rest into a line at the top: from the lowest value of the better half of
+    the complete trials, less a margin, to just above the highest value shown. None (plotly's
+    autoscale) when that would not at least double the room of the good trials, or with too few
+    complete trials to tell."""
+    shown = [v for vs in per_trial for v in vs if v is not None and math.isfinite(v)]
+    values = sorted((v for v in complete if v is not None and math.isfinite(v)), reverse=True)
+    if len(values) < FIT_MIN_COMPLETE or not shown:
+        return None
+    anchor = values[(len(values) - 1) // 2]  # the lowest of the better half: robust to half diverging
+    top = max(shown)
+    low = anchor - max(1.5 * (top - anchor), 0.02)
+    if top - min(shown) <= 2 * (top - low):  # nothing far below: early epochs and weaker trials stay in view
+        return None
+    return [low, top + max(0.05 * (top - low), 0.005)]
+
+
+def _fit_accuracy_axis(fig, per_trial: list[list[float]], trials: list[TrialRow]) -> None:
+    """Fit the y-axis to the good trials; say so, and how many trials it leaves out."""
+    complete = [t.value for t in trials if t.state == "COMPLETE" and t.value is not None]
+    fitted = fitted_accuracy_range(per_trial, complete)
+    if fitted is None:
+        return
+    fig.update_yaxes(range=fitted)
+    below = sum(1 for vs in per_trial if vs and max(vs) < fitted[0])
+    hidden = f"; {below} trial{'s' * (below != 1)} entirely below it" if below else ""
+    fig.add_annotation(text=f"y-axis fitted to the better trials, from {fitted[0]:.3f}{hidden}: double-click to see all",
+                       xref="paper", yref="paper", x=1, y=0, xanchor="right", yanchor="bottom", showarrow=False,
+                       font=dict(size=11, color="#666"))
+
+
 def _curve_trace(t: TrialRow, best: TrialRow, shown: set):
     import plotly.graph_objects as go
 
@@ -74,14 +107,16 @@ def _curve_trace(t: TrialRow, best: TrialRow, shown: set):
 
 
 def learning_curves_figure(trials: list[TrialRow], best: TrialRow):
-    """Validation accuracy per epoch of every trial, as reported to the pruner; the best in red."""
+    """Validation accuracy per epoch of every trial, as reported to the pruner; the best in red.
+    The y-axis fits the good trials (`fitted_accuracy_range`)."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
     shown: set = set()
-    for t in trials:
-        if t.intermediate and t.state in _CURVE_STYLES:
-            fig.add_trace(_curve_trace(t, best, shown))
+    drawn = [t for t in trials if t.intermediate and t.state in _CURVE_STYLES]
+    for t in drawn:
+        fig.add_trace(_curve_trace(t, best, shown))
+    _fit_accuracy_axis(fig, [list(t.intermediate.values()) for t in drawn], trials)
     fig.update_layout(title="Learning curves of all trials (validation accuracy per epoch; "
                             "pruned trials end in an x)",
                       xaxis_title="epoch", yaxis_title="validation accuracy", hovermode="closest")
@@ -98,16 +133,17 @@ def _size_points(trials: list[TrialRow], state: str) -> list[tuple[int, float, T
 
 
 def size_figure(trials: list[TrialRow], best: TrialRow):
-    """Validation accuracy against trainable parameters (log axis); None when no trial has both."""
+    """Validation accuracy against trainable parameters (log axis); None when no trial has both.
+    The y-axis fits the good trials (`fitted_accuracy_range`)."""
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    any_points = False
+    points: list[list[float]] = []
     for state, color, symbol in (("COMPLETE", "#1f77b4", "circle"), ("PRUNED", "#ff7f0e", "x")):
         rows = _size_points(trials, state)
         if not rows:
             continue
-        any_points = True
+        points += [[r[1]] for r in rows]
         fig.add_trace(go.Scatter(
             x=[r[0] for r in rows], y=[r[1] for r in rows], mode="markers",
             marker=dict(color=color, symbol=symbol, size=9, opacity=0.8),
@@ -119,10 +155,11 @@ def size_figure(trials: list[TrialRow], best: TrialRow):
         fig.add_trace(go.Scatter(x=[best.param_count], y=[best.value], mode="markers",
                                  marker=dict(color="crimson", size=16, symbol="star"),
                                  name=f"best (trial {best.number})", hoverinfo="skip"))
-    if not any_points:
+    if not points:
         return None
     fig.update_layout(title="Validation accuracy against model size", xaxis_title="trainable parameters (log)",
                       yaxis_title="validation accuracy", xaxis_type="log")
+    _fit_accuracy_axis(fig, points, trials)
     return fig
 
 

@@ -1,5 +1,6 @@
-"""The report's index.html: one page that opens offline (plotly.js embedded once) and links
-every file of the results folder; plus the HTML of one chart section and small table helpers."""
+"""The report's index.html: one page that opens offline (plotly.js from the plotly.min.js beside
+it, the folder's only copy) and links every file of the results folder; plus the HTML of one chart
+section and small table helpers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from datetime import datetime
 
 from .. import __version__
 from .figures import Chart
+
+PLOTLY_JS = "plotly.min.js"  # the report folder's one copy of plotly.js: index.html and charts/ load it
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1300px;padding:0 24px 60px;color:#222}
@@ -80,12 +83,10 @@ def _start_text(start: dict | None, best_value: float) -> str:
 
 
 def _head(s: dict, charts: list[Chart]) -> list[str]:
-    from plotly.offline import get_plotlyjs
-
     return [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>hpsearch report: {html.escape(s['study'])}</title><style>{_CSS}</style>",
-        f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>",
+        f"<script type='text/javascript' src='{PLOTLY_JS}'></script></head><body>",
         f"<h1>hpsearch report: {html.escape(s['study'])}</h1>",
         f"<p class='note'>Generated {html.escape(datetime.now().astimezone().isoformat(timespec='seconds'))} "
         f"by hpsearch {__version__} from the study's storage; objective: validation accuracy "
@@ -124,8 +125,10 @@ def render_index(summary: dict, charts: list[Chart], importances: dict, evaluato
     parts += ["<h2 id='summary'>Summary</h2>", _table(_summary_rows(summary)),
               "<h2>Best parameters</h2>", _table(list(summary["best_params"].items()))]
     if importances:
+        note = summary.get("importance", {}).get("note", "")
         parts += [f"<p class='note'>Importance ({html.escape(evaluator_label)}): " +
-                  ", ".join(f"{html.escape(k)} {v:.3f}" for k, v in importances.items()) + "</p>"]
+                  ", ".join(f"{html.escape(k)} {v:.3f}" for k, v in importances.items()) +
+                  (f". {html.escape(note)}" if note else "") + "</p>"]
     if best_json is not None:
         parts += _test_section(best_json)
     parts += ["<h2>Files</h2><ul>" + "".join(f"<li><a href='{html.escape(f)}'>{html.escape(f)}</a></li>" for f in files)

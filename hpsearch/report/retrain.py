@@ -3,11 +3,13 @@
 The best configuration is retrained from scratch on the study's training split (same data, same
 seed: the same model the trial trained, bit for bit on the CPU), evaluated once on the test split
 on the CPU in float32 (exactly what `load_model` gives), and saved as `best_model.pt`; `best.json`
-describes it.
+describes it. A later report reuses that checkpoint (`reuse_best`) while the best trial, its
+configuration, the data and the trainer are unchanged: it only evaluates it on the test split again.
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..checkpoint import save_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import resolve_device
 from ..data import Dataset, load_dataset
 from ..errors import HPSearchError, as_user_error, first_line
@@ -28,8 +30,18 @@ from ..study import OPTUNA_VERSION
 from ..study.schema import StudyAttr, TrialAttr
 from ..study.storage import redact
 from ..study.view import CHECKPOINT_NAME, Log, StudyView, file_sha256, store_artifact
-from ..train import EpochResult, TrainResult, train_one
+from ..train import TRAINER_VERSION, EpochResult, TrainResult, train_one
 from .figures import Chart, retrain_charts
+
+# Bump when retraining, its evaluation or what best.json records changes: a report reuses an
+# earlier checkpoint only when it was made the same way (see `retrain_key`).
+RETRAIN_VERSION = 1
+
+# What best.json must hold for a report to reuse its checkpoint without retraining.
+_SAVED_KEYS = ("test_accuracy", "test_loss", "test_correct", "test_total", "per_class", "macro_avg",
+               "confusion_matrix", "classes", "dataset_info", "history", "param_count", "retrain_seconds",
+               "checkpoint_sha256")
+_HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
 
 
 @dataclass
@@ -106,11 +118,23 @@ def retrain_data(view: StudyView, device: torch.device, data_dir: str | None, lo
                         attrs.get(StudyAttr.SUBSET), attrs.get(StudyAttr.SEED, 0))
 
 
+def retrain_key(view: StudyView, config: TrainConfig) -> dict:
+    """Everything that decides the retrained model (JSON values): a saved checkpoint is reused only
+    when its best.json records the same key."""
+    attrs = view.attrs
+    key = {"study": view.name, "trial": view.best.number, "config": config.to_dict(),
+           "dataset": attrs.get(StudyAttr.DATASET), "subset": attrs.get(StudyAttr.SUBSET),
+           "val_fraction": attrs.get(StudyAttr.VAL_FRACTION), "split_seed": attrs.get(StudyAttr.SEED),
+           "hpsearch": __version__, "trainer": TRAINER_VERSION, "retrain": RETRAIN_VERSION}
+    return json.loads(json.dumps(key, default=str))  # tuples as lists: compares equal to best.json's
+
+
 def versions() -> dict:
     import pandas
     import plotly
 
-    return {"hpsearch": __version__, "torch": torch.__version__, "optuna": OPTUNA_VERSION,
+    return {"hpsearch": __version__, "trainer": TRAINER_VERSION, "retrain": RETRAIN_VERSION,
+            "torch": torch.__version__, "optuna": OPTUNA_VERSION,
             "numpy": np.__version__, "pandas": pandas.__version__, "plotly": plotly.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
 
@@ -199,6 +223,9 @@ def _best_json(run: _Run, checkpoint: Path, artifact: dict | None) -> dict:
         "checkpoint": CHECKPOINT_NAME, "checkpoint_sha256": file_sha256(checkpoint), "artifact": artifact,
         "versions": versions(), "study_versions": best.versions,
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),
+        # what a later report needs to reuse this checkpoint: the key, and the curves it charts
+        "retrain_key": retrain_key(view, run.config),
+        "history": [{f: getattr(r, f) for f in _HISTORY_FIELDS} for r in run.result.history],
     }
 
 
@@ -219,3 +246,70 @@ def retrain_best(view: StudyView, out: Path, device: str, data_dir: str | None, 
     charts = retrain_charts(run.data, run.evaluation, run.result.history, best.number)
     return Retrained(run.config, run.data, run.result.history, run.evaluation, run.seconds, ckpt_path,
                      best_json, charts)
+
+
+def _saved_best(view: StudyView, out: Path, key: dict) -> tuple[dict | None, str]:
+    """best.json of an earlier report in `out` when its checkpoint is of `key` and the file it
+    describes; else (None, why not: empty when there is no earlier model)."""
+    path, ckpt = out / "best.json", out / CHECKPOINT_NAME
+    if not path.is_file() or not ckpt.is_file():
+        return None, ""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"cannot read best.json ({first_line(exc)})"
+    old = saved.get("retrain_key") if isinstance(saved, dict) else None
+    if not isinstance(old, dict):
+        return None, "best.json does not say how it was trained (an older report)"
+    if old.get("trial") != key["trial"]:
+        return None, f"it is of trial {old.get('trial')}, the best trial is now {key['trial']}"
+    changed = [k for k in key if old.get(k) != key[k]]
+    if changed:
+        return None, f"its {', '.join(changed)} changed"
+    missing = [k for k in _SAVED_KEYS if k not in saved]
+    if missing:
+        return None, f"best.json lacks {', '.join(missing)}"
+    if not _well_formed(saved):
+        return None, "best.json's history or dataset_info is damaged"
+    if file_sha256(ckpt) != saved["checkpoint_sha256"]:
+        return None, f"{CHECKPOINT_NAME} is not the file best.json describes"
+    return saved, ""
+
+
+def _well_formed(saved: dict) -> bool:
+    """The parts of best.json that reuse rebuilds objects from have the shape it needs."""
+    history = saved["history"]
+    return (isinstance(saved["dataset_info"], dict) and isinstance(history, list) and bool(history)
+            and all(isinstance(h, dict) and all(f in h for f in _HISTORY_FIELDS) for h in history))
+
+
+def _data_info(data: Dataset) -> dict:
+    # where the files were read from does not change the model
+    return {k: v for k, v in json.loads(json.dumps(data.describe(), default=str)).items() if k != "source"}
+
+
+def reuse_best(view: StudyView, out: Path, data_dir: str | None, log: Log, artifact: bool = True) -> Retrained | None:
+    """The model an earlier report saved in `out`, when it is of the same best trial, configuration,
+    data and trainer: evaluated on the test split again (no training) for the charts. None, with
+    the reason in the log, when it must be retrained."""
+    config = retrain_config(view)
+    saved, why = _saved_best(view, out, retrain_key(view, config))
+    if saved is not None:
+        data = retrain_data(view, torch.device("cpu"), data_dir, log)
+        model, _ = load_checkpoint(out / CHECKPOINT_NAME)
+        ev = evaluate(model, data.test_x.cpu(), data.test_y.cpu(), data.classes, data.image_shape)
+        info = {k: v for k, v in saved["dataset_info"].items() if k != "source"}
+        if info != _data_info(data) or ev.confusion.tolist() != saved["confusion_matrix"]:
+            saved, why = None, "its test evaluation differs from best.json's (other data?)"
+    if saved is None:
+        if why:
+            log(f"not reusing {CHECKPOINT_NAME}: {why}; retraining")
+        return None
+    log(f"reusing {CHECKPOINT_NAME} of trial {view.best.number} (same config); --retrain to train it again")
+    ckpt = out / CHECKPOINT_NAME
+    saved["artifact"] = (store_artifact(view.study, view.storage, view.url, ckpt, view.best.number, log)
+                         if artifact else None)
+    history = [EpochResult(key=view.best.number, group_size=1, **{f: h[f] for f in _HISTORY_FIELDS})
+               for h in saved["history"]]
+    charts = retrain_charts(data, ev, history, view.best.number)
+    return Retrained(config, data, history, ev, saved["retrain_seconds"], ckpt, saved, charts)
