@@ -241,17 +241,20 @@ def _checkpoint_arg(checkpoint: Optional[str], study: Optional[str], storage: st
 
 @app.command()
 def export(
-    checkpoint: Optional[str] = typer.Option(None, help="An hpsearch checkpoint (best_model.pt)."),
+    checkpoint: Optional[str] = typer.Option(None, help="An hpsearch checkpoint (default: the best trial's, made by `hpsearch report`)."),
     fmt: str = typer.Option("onnx", "--format", help="pt (a checked copy of the checkpoint), torchscript or onnx."),
-    out: str = typer.Option(..., help="File to write."),
-    study: Optional[str] = typer.Option(None, help="Take the checkpoint of this study's best trial (made by `hpsearch report`)."),
+    out: Optional[str] = typer.Option(None, help="File to write (default: results/<study>/best_model.onnx, .ts for "
+                                                 "torchscript, best_model.export.pt for pt; with --checkpoint, beside it)."),
+    study: Optional[str] = typer.Option(None, help="Take the checkpoint of this study's best trial (default: the storage's only study)."),
     storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
 ) -> None:
     """Export a checkpoint as TorchScript or ONNX: float images [N, 1, 28, 28] in [0, 1] -> logits."""
+    from .api import export_plan
     from .export import export_model
 
-    path = export_model(_checkpoint_arg(checkpoint, study, storage), fmt, out)
-    console.print(f"wrote {path} ({fmt})")
+    plan = export_plan(checkpoint, fmt, out, study, storage)  # the same defaults as hpsearch.export()
+    path = export_model(plan.checkpoint, fmt, plan.out)
+    console.print(f"wrote {path} ({fmt}, from {plan.checkpoint})", soft_wrap=True, markup=False)
 
 
 @app.command()

@@ -7,6 +7,7 @@
     continuing.py  continuing a study by name: its identity settings come from the study
     view.py      what report/export/predict/dashboard need: studies, trials, best, artifacts
     charts.py    Optuna's own charts and parameter importances
+    objective.py Objective: the space and trainer as the objective of a user's own Optuna study
 """
 
 from .liveness import Heartbeat, Liveness, enqueue_retry, liveness_settings, recover_trials, stale_trials
@@ -17,6 +18,7 @@ from ..config import cli_debug as _cli_debug
 from .logs import configure_optuna_logging
 
 from .continuing import continue_settings
+from .objective import Objective
 from .session import AskedTrial, BestTrial, StudyCounts, StudySession, TrialTaken, make_pruner, open_study, read_outcome
 from .view import (ARTIFACT_PREFIX, CHECKPOINT_NAME, StudyView, best_complete_trial, dashboard_app,
                    find_study_checkpoint, list_studies, open_view, resolve_study, store_artifact, study_summary,
@@ -25,7 +27,7 @@ from .storage import (StudyLock, artifact_dir, error_line, is_storage_error, ope
                       redact, storage_file)
 
 __all__ = [
-    "AskedTrial", "BestTrial", "COMPLETED", "OPTUNA_VERSION", "Heartbeat", "IDENTITY", "Liveness", "StudyAttr", "StudyCounts", "StudyLock", "StudySession",
+    "AskedTrial", "BestTrial", "Objective", "COMPLETED", "OPTUNA_VERSION", "Heartbeat", "IDENTITY", "Liveness", "StudyAttr", "StudyCounts", "StudyLock", "StudySession",
     "TrialAttr", "TrialRecord", "TrialRow", "TrialTaken", "artifact_dir", "continue_settings", "enqueue_retry", "error_line",
     "is_storage_error", "liveness_settings", "make_pruner", "open_existing_storage", "open_storage", "open_study",
     "read_outcome", "recover_trials", "redact", "stale_trials", "storage_file",
