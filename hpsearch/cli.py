@@ -29,6 +29,22 @@ console = Console(stderr=False, highlight=False)
 err_console = Console(stderr=True, highlight=False)
 _DEBUG = {"on": False}
 
+def _flags_without_metavar() -> None:
+    """`--json  <bool>` in typer's help says a value is expected: flags take none, so show no type."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # another typer layout: its default help
+        return
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_without_metavar()
+
 STORAGE_HELP = "Optuna storage URL (sqlite:///path.db, postgresql://..., journal:path.log)."
 
 
@@ -169,36 +185,6 @@ def studies(
 
 
 @app.command()
-def bench(
-    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
-    dataset: str = typer.Option("fashion-mnist", help="Dataset to time on."),
-    data_dir: Optional[str] = typer.Option(None, help="Directory with the IDX files."),
-    quick: bool = typer.Option(False, help="Shorter measurements (for smoke tests)."),
-    models: str = typer.Option("3x128,4x512,cnn", help="Comma-separated bench models: 3x128, 4x512 (MLPs), cnn (the seeds' CNN)."),
-    population: str = typer.Option("", help="Comma-separated population sizes K to time (default: 4 on CPU, 8,32,128 on GPU)."),
-    subset: Optional[int] = typer.Option(None, help="Time on N training images instead of the whole split."),
-    mixed: Optional[int] = typer.Option(None, help="Also time N mixed-shape models under each grouping policy (default: 32 on GPU, off on CPU)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
-) -> None:
-    """Measure training throughput: hpsearch's trainer against the seeds' DataLoader loop."""
-    from .bench import print_bench, run_bench
-
-    try:
-        pops = tuple(int(k) for k in population.split(",") if k.strip()) or None
-    except ValueError:
-        raise HPSearchError(f"--population must be comma-separated integers, got {population!r}") from None
-    if pops and min(pops) < 1:
-        raise HPSearchError("--population sizes must be at least 1")
-    results = run_bench(device=device, dataset=dataset, data_dir=data_dir, quick=quick, populations=pops,
-                        models=tuple(m.strip() for m in models.split(",") if m.strip()), subset=subset,
-                        mixed=mixed)
-    if as_json:
-        print(json.dumps(results, indent=2))
-    else:
-        print_bench(results, Console(width=max(console.width, 130), highlight=False))
-
-
-@app.command()
 def report(
     study: Optional[str] = typer.Option(None, help="Study name (default: the storage's only study, else 'hpsearch')."),
     storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
@@ -227,16 +213,17 @@ def report(
     console.print(line, soft_wrap=True)
 
 
-def _checkpoint_arg(checkpoint: Optional[str], study: Optional[str], storage: str) -> str:
-    if checkpoint and study:
-        raise HPSearchError("give either --checkpoint PATH or --study NAME, not both")
-    if checkpoint:
-        return checkpoint
-    if study:
-        from .report import find_study_checkpoint
+@app.command()
+def dashboard(
+    storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
+    port: int = typer.Option(8080, help="Port to listen on."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
+    artifact_dir: Optional[str] = typer.Option(None, help="Artifact store folder (default: artifacts/ beside the database)."),
+) -> None:
+    """Start optuna-dashboard on the study storage (with the report's checkpoints as artifacts)."""
+    from .dashboard import serve_dashboard
 
-        return str(find_study_checkpoint(study, storage))
-    raise HPSearchError("give --checkpoint PATH (e.g. results/<study>/best_model.pt) or --study NAME")
+    serve_dashboard(storage, host, port, artifact_dir, announce=lambda msg: console.print(msg, markup=False))
 
 
 @app.command()
@@ -261,7 +248,7 @@ def export(
 def predict(
     images: list[str] = typer.Argument(..., help="Image files (PNG, JPEG, ...; any size or mode)."),
     checkpoint: Optional[str] = typer.Option(None, help="An hpsearch checkpoint (best_model.pt), or its TorchScript or ONNX export."),
-    study: Optional[str] = typer.Option(None, help="Use the checkpoint of this study's best trial."),
+    study: Optional[str] = typer.Option(None, help="Use the checkpoint of this study's best trial (default: the storage's only study)."),
     storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
     invert: Optional[bool] = typer.Option(None, "--invert/--no-invert", show_default=False,
                                           help="Invert images first (dark ink on a light background), or never. "
@@ -271,10 +258,11 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Predict the class of image files with a checkpoint (exit 1 if some files could not be read)."""
+    from .api import checkpoint_for
     from .export import predict_images
 
     k = top if top is not None else (3 if as_json else 1)
-    results = predict_images(images, _checkpoint_arg(checkpoint, study, storage), invert=invert, resize=resize,
+    results = predict_images(images, checkpoint_for(checkpoint, study, storage)[0], invert=invert, resize=resize,
                              top=k, errors="report")
 
     def report_problem(r) -> None:  # one line per file, naming it; the error messages already do
@@ -294,16 +282,33 @@ def predict(
 
 
 @app.command()
-def dashboard(
-    storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
-    port: int = typer.Option(8080, help="Port to listen on."),
-    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
-    artifact_dir: Optional[str] = typer.Option(None, help="Artifact store folder (default: artifacts/ beside the database)."),
+def bench(
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    dataset: str = typer.Option("fashion-mnist", help="Dataset to time on."),
+    data_dir: Optional[str] = typer.Option(None, help="Directory with the IDX files."),
+    quick: bool = typer.Option(False, help="Shorter measurements (for smoke tests)."),
+    models: str = typer.Option("3x128,4x512,cnn", help="Comma-separated bench models: 3x128, 4x512 (MLPs), cnn (the seeds' CNN)."),
+    population: str = typer.Option("", help="Comma-separated population sizes K to time (default: 4 on CPU, 8,32,128 on GPU)."),
+    subset: Optional[int] = typer.Option(None, help="Time on N training images instead of the whole split."),
+    mixed: Optional[int] = typer.Option(None, help="Also time N mixed-shape models under each grouping policy (default: 32 on GPU, off on CPU)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
-    """Start optuna-dashboard on the study storage (with the report's checkpoints as artifacts)."""
-    from .dashboard import serve_dashboard
+    """Measure training throughput: hpsearch's trainer against the seeds' DataLoader loop."""
+    from .bench import print_bench, run_bench
 
-    serve_dashboard(storage, host, port, artifact_dir, announce=lambda msg: console.print(msg, markup=False))
+    try:
+        pops = tuple(int(k) for k in population.split(",") if k.strip()) or None
+    except ValueError:
+        raise HPSearchError(f"--population must be comma-separated integers, got {population!r}") from None
+    if pops and min(pops) < 1:
+        raise HPSearchError("--population sizes must be at least 1")
+    results = run_bench(device=device, dataset=dataset, data_dir=data_dir, quick=quick, populations=pops,
+                        models=tuple(m.strip() for m in models.split(",") if m.strip()), subset=subset,
+                        mixed=mixed)
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_bench(results, Console(width=max(console.width, 130), highlight=False))
 
 
 def _raise_interrupted(signum, frame) -> None:

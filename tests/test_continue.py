@@ -75,3 +75,14 @@ def test_version_and_short_help(monkeypatch, capsys):
     assert code in (0, None) and out.strip() == f"hpsearch {__version__}"
     code, out, _ = cli(["run", "-h"], monkeypatch, capsys)
     assert code in (0, None) and "--trials" in out
+
+
+def test_help_lists_commands_in_the_order_they_are_used_and_flags_without_a_type(monkeypatch, capsys):
+    code, out, _ = cli(["--help"], monkeypatch, capsys)
+    assert code in (0, None)
+    order = [out.index(f" {name} ") for name in ("run", "studies", "report", "dashboard", "export", "predict", "bench")]
+    assert order == sorted(order)
+    for command in ("run", "report", "predict"):
+        code, out, _ = cli([command, "--help"], monkeypatch, capsys)
+        assert code in (0, None) and "--storage" in out
+        assert "<bool>" not in out and "BOOLEAN" not in out

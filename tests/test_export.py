@@ -245,6 +245,7 @@ def test_bad_checkpoints_and_images(trained, tmp_path, monkeypatch, capsys):
     code, _, err = cli(["export", "--checkpoint", str(pickled), "--format", "onnx", "--out", str(tmp_path / "m.onnx")],
                        monkeypatch, capsys)
     assert_one_line_error(code, err, "would run code")
+    monkeypatch.chdir(tmp_path)  # no studies/ here: export has nothing to default to
     code, _, err = cli(["export", "--format", "onnx", "--out", str(tmp_path / "m.onnx")], monkeypatch, capsys)
     assert_one_line_error(code, err, "--checkpoint")
     code, out, err = cli(["export", "--checkpoint", str(trained["path"]), "--format", "torchscript",
