@@ -323,3 +323,18 @@ def test_objective_errors_are_one_line(options, error, words):
     with pytest.raises(error, match=re.escape(words)) as exc:
         hpsearch.Objective(**options)
     assert "\n" not in str(exc.value)
+
+
+def test_a_study_of_objective_trials_can_be_reported(fashion_dir, tmp_path, monkeypatch):
+    """Objective marks the user's study with what it measures, so `hpsearch report` reads it."""
+    monkeypatch.chdir(tmp_path)
+    storage = f"sqlite:///{tmp_path}/own.db"
+    study = optuna.create_study(study_name="own", storage=storage, direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    objective = hpsearch.Objective(subset=600, epochs=1, device="cpu", data_dir=str(fashion_dir))
+    study.enqueue_trial(objective.space.starts[0])  # a known-good configuration: a meaningful test accuracy
+    study.optimize(objective, n_trials=2)
+    assert study.user_attrs["dataset"] == "fashion-mnist" and study.user_attrs["subset"] == 600
+    assert study.metric_names == ["val_accuracy"]
+    result = hpsearch.report(study="own", storage=storage, artifact=False, log=lambda message: None)
+    assert result.best_trial == study.best_trial.number and 0.5 < result.test_accuracy <= 1

@@ -20,7 +20,8 @@ from ..config import RunSettings, device_label, resolve_device
 from ..errors import as_user_error
 from ..space import Space, load_space
 from ..specs import TrainConfig
-from .session import AskedTrial, _config_for
+from .schema import StudyAttr
+from .session import AskedTrial, _config_for, _identity, _write_identity
 
 
 class Objective:
@@ -50,6 +51,7 @@ class Objective:
         self.dataset, self.data_dir, self.epochs, self.subset = dataset, data_dir, epochs, subset
         self.val_fraction, self.seed, self.device, self.precision = val_fraction, seed, device, precision
         self._data = None
+        self._marked = False
         self._loading = threading.Lock()  # study.optimize(n_jobs=N) calls from N threads
 
     def __repr__(self) -> str:
@@ -69,6 +71,16 @@ class Objective:
                                           self.seed)
         return self._data
 
+    def _mark_study(self, study: optuna.Study) -> None:
+        """Write what the study measures, as `hpsearch run` does, so `hpsearch report` (and a later
+        `hpsearch run --study`) can read it. Once; never over another hpsearch study's settings."""
+        if self._marked or StudyAttr.DATASET in study.user_attrs or [d.name for d in study.directions] != ["MAXIMIZE"]:
+            return
+        settings = RunSettings(dataset=self.dataset, data_dir=self.data_dir, epochs=self.epochs, subset=self.subset,
+                               val_fraction=self.val_fraction, seed=self.seed, study=study.study_name)
+        _write_identity(study, settings, self.space, _identity(settings, self.space))
+        self._marked = True
+
     def config(self, trial: optuna.Trial) -> TrainConfig:
         """Sample the space's parameters on `trial`: the configuration this trial trains."""
         return _config_for(trial, self.space, self.epochs, self.seed)
@@ -77,6 +89,7 @@ class Objective:
         from ..search import _Running, judge  # the run loop's rules: one definition of a trial's outcome
         from ..train import train_one
 
+        self._mark_study(trial.study)
         data, config = self.data, self.config(trial)
         running = _Running(AskedTrial(trial.number, config, dict(trial.params)), config.model_spec(data).param_count())
         verdicts = []
