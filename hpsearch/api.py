@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .config import DEFAULT_STORAGE, DEFAULT_STUDY, RunSettings, check_study_name, resolve_workers
+from .config import DEFAULT_STORAGE, DEFAULT_STUDY, RunSettings, check_study_name, resolve_workers, results_name
 from .errors import HPSearchError
 
 RESULTS_DIR = "results"
@@ -194,7 +194,7 @@ def export_plan(checkpoint: str | os.PathLike | None, fmt: str, out: str | os.Pa
     if out is not None:
         target = Path(out)
     elif name is not None:
-        target = Path(results_dir) / name / f"best_model{EXPORT_SUFFIXES[fmt]}"
+        target = Path(results_dir) / results_name(name) / f"best_model{EXPORT_SUFFIXES[fmt]}"
     else:
         target = source.with_name(source.stem + EXPORT_SUFFIXES[fmt])
         if target.resolve() == source.resolve():  # e.g. a checkpoint named model.onnx

@@ -52,12 +52,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
+        os.replace(tmp, path)  # replaces a symbolic link itself, never writes through it
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.errno is not None:  # a full disk: name the file, not the temporary
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     return path
 

@@ -60,6 +60,18 @@ def check_study_name(name: str) -> None:
                             f"starting with a letter or digit, without '..'")
 
 
+def results_name(name: str) -> str:
+    """A study name that becomes results/<name>/, wherever it came from (a database may hold
+    `../../x`): the name, or a one-line error saying to choose the folder."""
+    try:
+        check_study_name(name)
+    except HPSearchError:
+        shown = name[:60] + ("..." if len(name) > 60 else "")
+        raise HPSearchError(f"study {shown!r} cannot name a folder under results/ (letters, digits, '_', '-', '.'); "
+                            f"give --out DIR") from None
+    return name
+
+
 @dataclass
 class RunSettings:
     """The settings of `hpsearch run`, one field per flag (`--val-fraction` is `val_fraction`)."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..checkpoint import atomic_write
-from ..config import DEFAULT_STORAGE, check_study_name
+from ..config import DEFAULT_STORAGE, check_study_name, results_name
 from ..errors import HPSearchError, first_line
 from ..study import charts as optuna_charts
 from ..study.charts import IMPORTANCE_EVALUATORS
@@ -105,6 +105,8 @@ def study_charts(view: StudyView, importance: str, log: Log) -> tuple[list[Chart
 
 
 def _out_dir(out: str | os.PathLike | None, study: str) -> Path:
+    if out is None:
+        results_name(study)  # the name may come from the database, not from the user
     out_dir = Path(out) if out is not None else Path("results") / study
     try:
         (out_dir / "charts").mkdir(parents=True, exist_ok=True)
@@ -137,8 +139,9 @@ def _write_charts(out_dir: Path, charts: list[Chart]) -> list[str]:
     files = []
     for chart in charts:
         if chart.fig is not None:
-            chart.fig.write_html(out_dir / "charts" / f"{chart.name}.html", include_plotlyjs=f"../{PLOTLY_JS}",
-                                 full_html=True, config={"displaylogo": False})
+            atomic_write(out_dir / "charts" / f"{chart.name}.html",
+                         lambda tmp, fig=chart.fig: fig.write_html(tmp, include_plotlyjs=f"../{PLOTLY_JS}", full_html=True,
+                                                                   config={"displaylogo": False}))
             files.append(f"charts/{chart.name}.html")
     return files
 
@@ -172,7 +175,8 @@ def write_report(study: str | None = None, storage: str = DEFAULT_STORAGE, out: 
     summary["importance"] = {"evaluator": evaluator_label, "values": importances, "complete_trials": complete,
                              "note": importance_note(evaluator_label, complete)}
 
-    trials_frame(view).to_csv(out_dir / "trials.csv", index=False)
+    frame = trials_frame(view)
+    atomic_write(out_dir / "trials.csv", lambda tmp: frame.to_csv(tmp, index=False))
     files = ["trials.csv"]
     retrained = None
     if retrain is not False:
@@ -180,7 +184,8 @@ def write_report(study: str | None = None, storage: str = DEFAULT_STORAGE, out: 
         charts += retrained.charts
         files += _write_best(out_dir, retrained)
     files += _write_charts(out_dir, charts)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    text = json.dumps(summary, indent=2, default=str) + "\n"
+    atomic_write(out_dir / "summary.json", lambda tmp: Path(tmp).write_text(text))
     files.insert(0, "summary.json")
     page = render_index(summary, charts, importances, evaluator_label,
                         retrained.best_json if retrained is not None else None, files)
