@@ -32,9 +32,13 @@ from torch import nn
 
 from .errors import HPSearchError, first_line
 from .models import ModelSpec, model_from_spec
+from .specs import check_image_shape, spec_from_stored
 
 FORMAT = "hpsearch-checkpoint"
 VERSION = 1
+# torch.save stores a checkpoint's zip entries uncompressed (they unpack to about the file's size),
+# and float weights hardly compress; entries that unpack to far more are a decompression bomb.
+MAX_UNPACK_RATIO = 16
 
 
 def _umask() -> int:
@@ -115,6 +119,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise HPSearchError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
         raise HPSearchError(f"{path} is not an hpsearch checkpoint (not a PyTorch file)")
+    _check_unpacked_size(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "pickle protocol 4": the refusal below says enough
@@ -142,18 +147,88 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
+def _check_unpacked_size(path: Path) -> None:
+    """Refuse a zip whose entries unpack to much more than the file: torch.load would allocate it all."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            unpacked = sum(info.file_size for info in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # not a zip (a legacy pickle), or a broken one: torch.load says what is wrong
+    size = path.stat().st_size
+    if unpacked > MAX_UNPACK_RATIO * size + (1 << 20):
+        raise HPSearchError(f"{path} is not an hpsearch checkpoint: its {size:,}-byte archive unpacks to "
+                            f"{unpacked:,} bytes (refused: a decompression bomb)")
+
+
+def checked_spec(ckpt: dict, source: str = "checkpoint") -> ModelSpec:
+    """The checkpoint's spec, once everything the file's header claims fits what it stores; a
+    one-line HPSearchError otherwise. Nothing is allocated here beyond what the file already holds."""
+    def damaged(why: str) -> HPSearchError:
+        return HPSearchError(f"{source} is a damaged hpsearch checkpoint: {why}")
+
+    try:
+        spec = spec_from_stored(ckpt["spec"])
+        shape = ckpt.get("image_shape")
+        if shape is not None and check_image_shape(shape) != spec.image_hw and (  # old MLPs: in_features only
+                (spec.height and spec.width) or shape[0] * shape[1] != spec.in_features):
+            raise ValueError(f"image_shape {shape} is not the spec's {spec.image_hw[0]}x{spec.image_hw[1]} images")
+    except (TypeError, ValueError, KeyError) as exc:
+        raise damaged(first_line(exc, 160)) from None
+    if len(ckpt["classes"]) != spec.num_classes:
+        raise damaged(f"{len(ckpt['classes'])} class names for {spec.num_classes} outputs")
+    problem = _state_dict_problem(spec, ckpt["state_dict"])
+    if problem:
+        raise damaged(problem)
+    return spec
+
+
+def _state_dict_problem(spec: ModelSpec, state: dict) -> str | None:
+    """What is wrong with the stored tensors for `spec`'s network, or None. Compared before building
+    it: the parameter count the spec implies, then each name and shape against the network built on
+    the meta device (shapes only, no memory)."""
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) and v.layout == torch.strided
+               and v.is_floating_point() for k, v in state.items()):
+        return "its state_dict holds something other than named float tensors"
+    with torch.device("meta"):
+        model = model_from_spec(spec)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    buffers = {k for k, _ in model.named_buffers()}  # the input normalization's mean and std
+    stored = sum(v.numel() for k, v in state.items() if k not in buffers)
+    if stored != spec.param_count():
+        return f"its spec ({_describe(spec)}) implies {spec.param_count():,} parameters but it stores {stored:,}"
+    for name in sorted(expected.keys() | state.keys()):
+        if name not in state or name not in expected:
+            return f"tensor {name!r} is {'missing' if name not in state else 'not part of its spec network'}"
+        if tuple(state[name].shape) != expected[name]:
+            return f"tensor {name!r} is {list(state[name].shape)} where its spec makes {list(expected[name])}"
+    for name, value in (("mean", spec.mean), ("std", spec.std)):  # what every input is normalized with
+        if float(state[f"normalize.{name}"]) != float(torch.tensor(value, dtype=torch.float32)):
+            return f"its stored input {name} {float(state[f'normalize.{name}'])} is not its spec's {value}"
+    # A view with zero strides over a few stored bytes would expand to its full size when copied in.
+    storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in state.values()}
+    if sum(v.numel() * v.element_size() for v in state.values()) > sum(storages.values()):
+        return "its tensors claim more bytes than the file stores"
+    return None
+
+
+def _describe(spec: ModelSpec) -> str:
+    conv = f"cnn {spec.conv_blocks}x{spec.channels}c k{spec.kernel_size} + " if spec.family == "cnn" else "mlp "
+    return f"{conv}{spec.num_layers}x{spec.layer_size} on {spec.image_hw[0]}x{spec.image_hw[1]}"
+
+
 def model_from_checkpoint(ckpt: dict, source: str = "checkpoint") -> nn.Module:
     """The network of either family; checkpoints from before the CNN family have no "family"
-    in their spec and rebuild as the MLP they are."""
+    in their spec and rebuild as the MLP they are. Checked first (`checked_spec`); then built on
+    the meta device and given uninitialized memory that the stored tensors overwrite, so loading
+    costs the weights' size once, with no random initialization."""
+    spec = checked_spec(ckpt, source)
     try:
-        spec = ModelSpec.from_dict(ckpt["spec"])
-        model = model_from_spec(spec)
+        with torch.device("meta"):
+            model = model_from_spec(spec)
+        model = model.to_empty(device="cpu")
         model.load_state_dict(ckpt["state_dict"], strict=True)
     except (TypeError, ValueError, RuntimeError, KeyError) as exc:
         raise HPSearchError(f"{source} is a damaged hpsearch checkpoint: {first_line(exc, 160)}") from None
-    if len(ckpt["classes"]) != spec.num_classes:
-        raise HPSearchError(f"{source} is a damaged hpsearch checkpoint: {len(ckpt['classes'])} class names "
-                            f"for {spec.num_classes} outputs")
     return model.eval()
 
 
@@ -176,9 +251,8 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
 
 
 def image_shape_of(ckpt: dict) -> tuple[int, int]:
+    """(H, W) the model takes: the stored image_shape, or (older checkpoints) the spec's own."""
     shape = ckpt.get("image_shape")
     if isinstance(shape, list) and len(shape) == 2:
         return int(shape[0]), int(shape[1])
-    n = int(ckpt["spec"].get("in_features", 784))
-    side = int(round(n ** 0.5))
-    return (side, side)
+    return ModelSpec.from_dict(ckpt["spec"]).image_hw

@@ -40,11 +40,16 @@ import torch
 
 from .checkpoint import atomic_write, image_shape_of, load_checkpoint, write_checkpoint_dict
 from .errors import HPSearchError, first_line
+from .specs import check_image_shape
 
 FORMATS = ("pt", "torchscript", "onnx")
 RESIZE_MODES = ("auto", "mnist", "fit")
 ONNX_OPSET = 17
 BLANK_RANGE = 0.05  # max - min of a converted image below this: nothing to classify
+# Largest image `predict` decodes: 24 megapixels, a 6000x4000 camera photo (twice a 12 MP phone's).
+# Conversion costs ~25-40 bytes a pixel (float64 grey, background and ink passes), so ~1 GB at
+# most, for a 28x28 input; a tiny PNG can declare far more (13000x13000 took 4.4 GB).
+MAX_IMAGE_PIXELS = 24_000_000
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,6 +139,22 @@ def _composite_alpha(im) -> np.ndarray:
     return (gray * alpha + back * (1.0 - alpha)).astype(np.float64)
 
 
+def _open_image(path: Path):
+    """Image.open (which reads only the header), refusing sizes over MAX_IMAGE_PIXELS before decoding."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        # Pillow warns on its own (higher) limit; the refusal below says it in one line instead.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(path)
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        im.close()
+        raise HPSearchError(f"image {path} is too large: {w}x{h} pixels, over predict's limit of "
+                            f"{MAX_IMAGE_PIXELS:,} (downscale it)")
+    return im
+
+
 def _to_gray(path: Path) -> np.ndarray:
     """Any image file -> float64 [H, W] in [0, 1] (white = 1), or a one-line HPSearchError."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -143,7 +164,7 @@ def _to_gray(path: Path) -> np.ndarray:
     if not path.is_file():
         raise HPSearchError(f"image {path} is not a file")
     try:
-        with Image.open(path) as im:
+        with _open_image(path) as im:
             im.load()  # decode now, so a truncated file fails here
             im = ImageOps.exif_transpose(im)
             mode = im.mode
@@ -160,8 +181,9 @@ def _to_gray(path: Path) -> np.ndarray:
             return np.asarray(im.convert("L"), dtype=np.float64) / 255.0
     except UnidentifiedImageError:
         raise HPSearchError(f"{path} is not an image (Pillow cannot identify its format)") from None
-    except Image.DecompressionBombError:
-        raise HPSearchError(f"{path} is too large to be read safely as an image") from None
+    except Image.DecompressionBombError:  # Pillow's own limit (over 179 megapixels) refused it first
+        raise HPSearchError(f"image {path} is too large: far over predict's limit of {MAX_IMAGE_PIXELS:,} "
+                            f"pixels (downscale it)") from None
     except (OSError, SyntaxError, ValueError, TypeError) as exc:
         raise HPSearchError(f"{path} is not a readable image ({first_line(exc, 160)})") from None
 
@@ -278,11 +300,15 @@ def _export_info(text: str, path: Path, kind: str) -> tuple[tuple[str, ...], tup
         if not isinstance(info["classes"], list):
             raise TypeError("classes is not a list")
         classes = tuple(str(c) for c in info["classes"])
-        height, width = (int(v) for v in info["image_shape"])
+        shape = info["image_shape"]
         meta = info.get("meta") if isinstance(info.get("meta"), dict) else {}
     except (TypeError, ValueError, KeyError, AttributeError):
         raise HPSearchError(f"{path} is a {kind} file without hpsearch's metadata (class names, image size): "
                             f"make it with `hpsearch export`, or pass the .pt checkpoint") from None
+    try:  # the size every image is converted to: a header's [100000, 100000] must not allocate it
+        height, width = check_image_shape(shape)
+    except ValueError as exc:
+        raise HPSearchError(f"{path} is a damaged {kind} export: {first_line(exc, 160)}") from None
     return classes, (height, width), meta.get("dataset")
 
 

@@ -26,6 +26,17 @@ INITS = ("default", "normal")
 # with the same function; see `lr_factor`).
 SCHEDULES = ("constant", "cosine")
 
+# What a stored spec (a checkpoint's) may ask for: the search space's bounds (space.py's rules) and
+# images up to 1024 pixels a side (the datasets' are 28), so a file's header cannot make a loader
+# build a network, or an image buffer, that no search here could have made.
+MAX_IMAGE_SIDE = 1024
+STORED_SPEC_BOUNDS = {
+    "num_layers": (1, 32), "layer_size": (1, 16384), "conv_blocks": (1, MAX_CONV_BLOCKS), "channels": (1, 1024),
+    "kernel_size": (1, max(KERNEL_SIZES)), "in_features": (1, MAX_IMAGE_SIDE**2), "num_classes": (1, 65536),
+    "height": (0, MAX_IMAGE_SIDE), "width": (0, MAX_IMAGE_SIDE),  # 0: square, from in_features
+}
+STORED_SPEC_FLOATS = ("dropout", "conv_dropout", "mean", "std")
+
 
 def _one_of(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
@@ -142,12 +153,56 @@ class ModelSpec(Architecture):
             first = self.conv_channels[-1] * h * w
         return [first] + [self.layer_size] * (self.num_layers - 1) + [self.num_classes]
 
+    def activation_units(self) -> int:
+        """Values one sample produces in a forward pass (convolution outputs before pooling, Linear
+        outputs): what training keeps per sample for the backward pass."""
+        h, w = self.image_hw
+        conv = 0
+        for channels in self.conv_channels:
+            conv += channels * h * w
+            h, w = h // 2, w // 2
+        return self.in_features + conv + sum(self.widths[1:])
+
     def param_count(self) -> int:
         w = self.widths
         linear = sum(a * b + b for a, b in zip(w[:-1], w[1:]))
         fans = [1] + self.conv_channels
         conv = sum(a * b * self.kernel_size**2 + b for a, b in zip(fans[:-1], fans[1:]))
         return linear + conv
+
+
+def _short(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_image_shape(value) -> tuple[int, int]:
+    """A stored [height, width]: two integers in 1..MAX_IMAGE_SIDE; ValueError (one line) otherwise."""
+    if (not isinstance(value, (list, tuple)) or len(value) != 2 or any(type(v) is not int for v in value)
+            or not all(1 <= v <= MAX_IMAGE_SIDE for v in value)):
+        raise ValueError(f"image_shape {_short(value)} is not two integers in 1..{MAX_IMAGE_SIDE}")
+    return value[0], value[1]
+
+
+def spec_from_stored(d: dict) -> ModelSpec:
+    """A checkpoint's spec, checked before anything is built from it: sizes are integers within
+    STORED_SPEC_BOUNDS, floats are finite (std > 0), the image fits MAX_IMAGE_SIDE; ValueError
+    (one line) otherwise. Building a ModelSpec allocates nothing, so this is safe on any dict."""
+    for name, (low, high) in STORED_SPEC_BOUNDS.items():
+        v = d.get(name, low)
+        if type(v) is not int or not low <= v <= high:  # bool is an int subclass: refused too
+            raise ValueError(f"{name} {_short(v)} is not an integer in {low}..{high}")
+    for name in STORED_SPEC_FLOATS:
+        v = d.get(name, 0.0)
+        if type(v) not in (int, float) or not math.isfinite(v):
+            raise ValueError(f"{name} {_short(v)} is not a finite number")
+    if not d.get("std", 1.0) > 0:
+        raise ValueError(f"std {_short(d.get('std'))} is not positive")
+    spec = ModelSpec.from_dict(d)
+    h, w = spec.image_hw
+    if not (h <= MAX_IMAGE_SIDE and w <= MAX_IMAGE_SIDE):
+        raise ValueError(f"image {h}x{w} is larger than {MAX_IMAGE_SIDE} pixels a side")
+    return spec
 
 
 @dataclass(frozen=True)
