@@ -15,6 +15,7 @@ and queued again; a failing storage does the same and becomes one line for the u
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from dataclasses import dataclass, field
@@ -25,13 +26,15 @@ import torch
 from . import __version__
 from .config import RunSettings, device_label, population_size, resolve_device, resolve_grouping
 from .data import Dataset, load_dataset
-from .errors import HPSearchError, Interrupted, as_user_error
+from .errors import HPSearchError, Interrupted, as_user_error, first_line
 from .specs import TrainConfig
 from .study import (COMPLETED, OPTUNA_VERSION, AskedTrial, StudySession, TrialRecord, TrialTaken, continue_settings,
                     liveness_settings, redact)
 from .train import TRAINER_VERSION, EpochResult, PopulationTrainer
+from .train.memory import is_out_of_memory, memory_refusal
 
 CURVES = ("train_loss", "train_acc", "val_loss", "val_acc")
+MAX_MEMORY_FAILURES = 20
 
 
 @dataclass
@@ -189,8 +192,11 @@ class SearchLoop:
 
     def __init__(self, settings: RunSettings, session, trainer, reporter: Reporter, *, population: int,
                  data: Dataset, device: str, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep,
+                 memory_refusal: Callable[[TrainConfig], str | None] = lambda config: None):
         self.settings, self.session, self.trainer, self.reporter = settings, session, trainer, reporter
+        self.memory_refusal = memory_refusal  # why a config cannot fit (train/memory.py), or None
+        self.memory_failures = 0  # in a row: a space whose every config is too big must end the run
         self.population, self.data, self.device = population, data, device
         self.clock, self.sleep = clock, sleep
         self.running: dict[int, _Running] = {}
@@ -242,6 +248,10 @@ class SearchLoop:
             asked = self.session.ask()
             if asked is None:
                 return
+            refusal = self.memory_refusal(asked.config)
+            if refusal is not None:
+                self._failed_for_memory([asked.number], refusal, lambda: self.session.fail(asked.number, refusal))
+                continue
             param_count = asked.config.model_spec(self.data).param_count()
             self.running[asked.number] = _Running(asked, param_count)
             self.trainer.add(asked.number, asked.config)
@@ -277,7 +287,14 @@ class SearchLoop:
 
     def _train_epoch(self) -> None:
         t0 = self.clock()
-        results = self.trainer.run_epoch()
+        try:
+            results = self.trainer.run_epoch()
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one too
+            if not is_out_of_memory(exc):
+                raise
+            self._out_of_memory(exc)
+            return
+        self.memory_failures = 0
         t1 = self.clock()
         self.time_spent["train"] += t1 - t0
         for result in results:
@@ -312,6 +329,27 @@ class SearchLoop:
         outcome = TrialOutcome(number, verdict.state, result.val_acc, result.epoch, run.seconds_per_epoch,
                                run.asked.params, verdict.reason, run.asked.retry_of)
         self.reporter.trial_finished(outcome, counts.best, counts.finished)
+
+    def _out_of_memory(self, exc: RuntimeError) -> None:
+        """The trials in training ran out of memory: fail them (not queued again: they would again)
+        and go on with the study."""
+        numbers = sorted(self.running)
+        for number in numbers:
+            self._leave(number)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        reason = f"out of memory: {first_line(exc, 160)}"
+        self._failed_for_memory(numbers, reason, lambda: self.session.abandon(reason, requeue=False))
+
+    def _failed_for_memory(self, numbers: list[int], reason: str, record: Callable[[], object]) -> None:
+        record()
+        which = f"trial{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}"
+        self.reporter.note(f"{which} failed, not trained further: {reason}")
+        self.memory_failures += len(numbers)
+        if self.memory_failures >= MAX_MEMORY_FAILURES:
+            raise HPSearchError(f"{self.memory_failures} trials in a row did not fit in memory (last: {reason}); "
+                                f"bound layer_size, num_layers, channels or batch_size in the search space")
 
     def _leave(self, number: int) -> None:
         if number in self.trainer:
@@ -384,5 +422,7 @@ def run_study(settings: RunSettings, reporter: Reporter | None = None) -> RunSum
     session = StudySession(settings, space, liveness)
     loop = SearchLoop(settings, session, trainer, reporter,
                       population=population_size(settings.population, device, settings.trials),
-                      data=data, device=device_label(device))
+                      data=data, device=device_label(device),
+                      memory_refusal=lambda config: memory_refusal(config.model_spec(data), config.batch_size,
+                                                                   data.train_x.device))
     return loop.execute()

@@ -11,6 +11,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from hpsearch.config import RunSettings
 from hpsearch.errors import HPSearchError, Interrupted
@@ -34,6 +35,7 @@ class FakeSession:
         self.told: dict[int, tuple] = {}  # trial -> (state, value, record)
         self.reports: list[tuple] = []
         self.abandoned: tuple | None = None
+        self.failed: dict[int, str] = {}
         self.next_number = 0
 
     def __enter__(self):
@@ -71,7 +73,14 @@ class FakeSession:
     def abandon(self, reason, requeue):
         lost = sorted(self.open)
         self.abandoned = (reason, lost, lost if requeue else [])
+        for number in lost:
+            self.open.pop(number)
+            self.failed[number] = reason
         return lost, (lost if requeue else [])
+
+    def fail(self, number, reason):
+        self.open.pop(number)
+        self.failed[number] = reason
 
     def recover(self):
         return []
@@ -167,12 +176,12 @@ DATA = SimpleNamespace(num_classes=10, in_features=784, image_shape=(28, 28), me
                        describe=lambda: {"train": 100})
 
 
-def make_loop(session, trainer, population=2, timeout=None, clock=None):
+def make_loop(session, trainer, population=2, timeout=None, clock=None, memory_refusal=lambda config: None):
     settings = RunSettings(trials=session.target, epochs=session.epochs, timeout=timeout, storage="sqlite:///x.db")
     clock = clock or Clock()
     reporter = Recorder()
     loop = SearchLoop(settings, session, trainer, reporter, population=population, data=DATA, device="cpu:test",
-                      clock=clock, sleep=clock.sleep)
+                      clock=clock, sleep=clock.sleep, memory_refusal=memory_refusal)
     return loop, reporter
 
 
@@ -309,3 +318,39 @@ def test_the_reporter_sees_each_epoch_of_the_trials_training_on_retries_and_the_
     assert reporter.epochs == [[(0, 1, 3, 0.51), (1, 1, 3, 0.51)], [(0, 2, 3, 0.52), (1, 2, 3, 0.52)]]
     assert "trial 1 retries trial 7 (same parameters and seed)" in reporter.notes
     assert [o.retry_of for o in reporter.finished] == [None, 7]
+
+
+def _allocator_failure() -> RuntimeError:
+    try:
+        torch.empty(1 << 62, dtype=torch.uint8)  # the CPU allocator's own failure
+    except RuntimeError as exc:
+        return exc
+    raise AssertionError("4 EiB were allocated")
+
+
+def test_trials_that_run_out_of_memory_fail_and_the_study_goes_on():
+    session = FakeSession(target=3, epochs=2)
+    loop, reporter = make_loop(session, FakeTrainer(fail_on_epoch=1, error=_allocator_failure()), population=2)
+    loop.execute()
+    assert sorted(session.failed) == [0, 1]
+    assert all(reason.startswith("out of memory: ") and "can't allocate memory" in reason
+               for reason in session.failed.values())
+    assert session.abandoned[2] == []  # not queued again: they would run out again
+    assert [n for n, (state, _, _) in session.told.items() if state == "COMPLETE"] == [2, 3, 4]
+    assert any("trials 0, 1 failed, not trained further: out of memory" in note for note in reporter.notes)
+
+
+def test_configs_that_cannot_fit_are_failed_before_training_and_a_space_of_them_ends_the_run():
+    too_big = lambda config: "needs about 240.0 GiB of memory to train" if config.seed % 2 else None  # noqa: E731
+    session = FakeSession(target=3, epochs=2)
+    trainer = FakeTrainer()
+    loop, _ = make_loop(session, trainer, population=1, memory_refusal=too_big)
+    loop.execute()
+    assert sorted(session.failed) == [1, 3] and len(session.told) == 3
+    assert all(reason.startswith("needs about") for reason in session.failed.values())
+
+    session = FakeSession(target=3, epochs=2)
+    loop, _ = make_loop(session, FakeTrainer(), memory_refusal=lambda config: "needs about 240.0 GiB")
+    with pytest.raises(HPSearchError, match="20 trials in a row did not fit in memory"):
+        loop.execute()
+    assert len(session.failed) == 20 and not session.told

@@ -378,6 +378,14 @@ class StudySession:
             self.study.tell(trial, value if state == "COMPLETE" else None, state=TrialState[state])
         self._release(number)
 
+    def fail(self, number: int, reason: str) -> None:
+        """Record a trial that cannot be trained here (FAIL with `reason`), not queued again."""
+        trial = self._trials[number]
+        with self._unless_taken(number):
+            self.study._storage.set_trial_user_attr(trial._trial_id, TrialAttr.STOP_REASON, reason)
+            self.study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        self._release(number)
+
     def _release(self, number: int) -> None:
         trial = self._trials.pop(number)
         self._beats.discard(trial._trial_id)
