@@ -223,7 +223,8 @@ def dashboard(
     """Start optuna-dashboard on the study storage (with the report's checkpoints as artifacts)."""
     from .dashboard import serve_dashboard
 
-    serve_dashboard(storage, host, port, artifact_dir, announce=lambda msg: console.print(msg, markup=False))
+    serve_dashboard(storage, host, port, artifact_dir, announce=lambda msg: console.print(msg, markup=False),
+                    warn=lambda msg: err_console.print(msg, markup=False, soft_wrap=True))
 
 
 @app.command()

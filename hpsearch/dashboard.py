@@ -8,6 +8,8 @@ so the dashboard lists and serves it.
 
 from __future__ import annotations
 
+import ipaddress
+
 import socket
 from pathlib import Path
 from socketserver import ThreadingMixIn
@@ -44,10 +46,24 @@ def make_dashboard_server(storage: str, host: str = "127.0.0.1", port: int = 808
     return server, store_dir
 
 
+def is_loopback(host: str) -> bool:
+    """Whether an address to bind reaches this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to a public interface
+        return False
+
+
 def serve_dashboard(storage: str, host: str = "127.0.0.1", port: int = 8080, artifacts: str | Path | None = None,
-                    announce: Callable[[str], None] = print) -> None:
+                    announce: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> None:
     """Serve until Ctrl-C."""
     server, store_dir = make_dashboard_server(storage, host, port, artifacts)
+    if not is_loopback(host):  # optuna-dashboard has no login: anyone who reaches it can read and edit
+        warn(f"warning: --host {host} exposes the study and its checkpoints to the network with no password: anyone "
+             f"who can reach this machine on port {server.server_port} can read and change them; use --host 127.0.0.1 "
+             f"and an SSH tunnel to share it safely")
     shown_host = f"[{host}]" if ":" in host else host
     announce(f"optuna-dashboard for {redact(storage)} on http://{shown_host}:{server.server_port}/ "
              f"(artifacts in {store_dir}); Ctrl-C to stop")

@@ -278,9 +278,8 @@ class SearchLoop:
 
     def _recover(self) -> None:
         liveness = self.session.liveness
-        for failed, retry in self.session.recover():
-            again = f"its parameters are queued as trial {retry}" if retry is not None else \
-                f"not retried again (retried {liveness.max_retry} times already)"
+        for failed, retry, why_not in self.session.recover():
+            again = f"its parameters are queued as trial {retry}" if retry is not None else f"not retried: {why_not}"
             self.reporter.note(f"trial {failed} lost its worker (no heartbeat for {liveness.grace}s): "
                                f"marked failed; {again}")
         self.next_recovery = self.clock() + liveness.interval

@@ -148,8 +148,11 @@ def _conclude(settings: RunSettings, codes: list[int | None], signum: int | None
     echo(f"study {settings.study}: {finished} ({counts.complete} complete, {counts.pruned} pruned, "
          f"{counts.failed} failed, {counts.running} running, {counts.waiting} queued); {best_text}")
     if signum is not None:
-        echo_err(f"interrupted: workers stopped, their running trials marked failed and queued to run again; "
-                 f"{finished}; run the same command again to continue")
+        if counts.finished >= settings.trials:  # the signal came as the last trials finished
+            echo_err(f"interrupted after the study was complete ({finished}): nothing is left to continue")
+        else:
+            echo_err(f"interrupted: workers stopped, their running trials marked failed and queued to run again; "
+                     f"{finished}; run the same command again to continue")
         return 128 + signum
     killed = [f"worker {i} ({_signal_name(c)})" for i, c in enumerate(codes)
               if c is not None and (c < 0 or c in (128 + signal.SIGINT, 128 + signal.SIGTERM))]

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import optuna
 import pytest
@@ -237,7 +238,7 @@ def test_dead_workers_trials_are_failed_and_queued(tmp_path, kind):
         beats.add(alive._trial_id)
         assert recover_trials(study, live, StudyLock(url)) == []  # within the grace period: nobody
         time.sleep(3.2)  # past the grace period (the database clock has 1 s resolution)
-        recovered = dict(recover_trials(study, live, StudyLock(url)))
+        recovered = {number: retry for number, retry, _ in recover_trials(study, live, StudyLock(url))}
     assert set(recovered) == {stopped.number, never.number}
     trials = study.trials
     assert trials[alive.number].state == TrialState.RUNNING
@@ -250,6 +251,20 @@ def test_dead_workers_trials_are_failed_and_queued(tmp_path, kind):
     assert taken.number in recovered.values()
     origin = study.trials[taken.number].system_attrs["failed_trial"]
     assert taken.suggest_float("x", 0, 1) == trials[origin].params["x"]
+
+
+def test_a_trial_that_died_before_sampling_says_why_it_is_not_retried(tmp_path):
+    from hpsearch.study import Liveness, StudyLock, open_storage, recover_trials
+
+    url = f"sqlite:///{tmp_path}/n.db"
+    live = Liveness(interval=1, grace=1, max_retry=3)
+    study = optuna.create_study(study_name="n", storage=open_storage(url, live), direction="maximize")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        empty = study.ask()  # killed right after asking: no parameter sampled yet
+    time.sleep(2.2)
+    assert recover_trials(study, live, StudyLock(url)) == [
+        (empty.number, None, "it died before its parameters were sampled, so there is nothing to run again")]
 
 
 def test_retries_are_bounded(tmp_path):

@@ -160,6 +160,17 @@ def stale_trials(study: optuna.Study, grace: float) -> list:
     return [t for t in running if t._trial_id in stale]
 
 
+def not_retried(frozen, max_retry: int) -> str | None:
+    """Why a failed trial is not queued again, or None if it is."""
+    # An enqueued trial (a [[start]]) that died before sampling has no params yet, but Optuna keeps
+    # its values in the "fixed_params" system attribute, which the retry inherits.
+    if not (frozen.params or frozen.system_attrs.get("fixed_params")):
+        return "it died before its parameters were sampled, so there is nothing to run again"
+    if len(frozen.system_attrs.get(RETRY_HISTORY, [])) + 1 > max_retry:
+        return f"retried {max_retry} times already"
+    return None
+
+
 def enqueue_retry(study: optuna.Study, frozen, max_retry: int) -> int | None:
     """Queue a failed trial's parameters as a WAITING trial (the next `ask` takes it first).
 
@@ -167,11 +178,9 @@ def enqueue_retry(study: optuna.Study, frozen, max_retry: int) -> int | None:
     RETRY_HISTORY), so its `retried_trial_number` works on hpsearch studies. Returns the new
     trial's number, or None when the trial has been retried `max_retry` times already.
     """
-    history = list(frozen.system_attrs.get(RETRY_HISTORY, [])) + [frozen.number]
-    # An enqueued trial (a [[start]]) that died before sampling has no params yet, but Optuna keeps
-    # its values in the "fixed_params" system attribute, which the retry inherits.
-    if not (frozen.params or frozen.system_attrs.get("fixed_params")) or len(history) > max_retry:
+    if not_retried(frozen, max_retry) is not None:
         return None
+    history = list(frozen.system_attrs.get(RETRY_HISTORY, [])) + [frozen.number]
     system_attrs = {k: v for k, v in frozen.system_attrs.items() if k not in (HEARTBEAT, WORKER)}
     system_attrs.update({FAILED_TRIAL: history[0], RETRY_HISTORY: history})
     template = optuna.trial.create_trial(
@@ -183,11 +192,11 @@ def enqueue_retry(study: optuna.Study, frozen, max_retry: int) -> int | None:
     return study._storage.get_trial(trial_id).number
 
 
-def recover_trials(study: optuna.Study, liveness: Liveness, lock: StudyLock) -> list[tuple[int, int | None]]:
+def recover_trials(study: optuna.Study, liveness: Liveness, lock: StudyLock) -> list[tuple[int, int | None, str]]:
     """Fail the trials of dead workers and queue their parameters again.
 
-    Returns (failed trial number, retry trial number or None) pairs. Under the lock only one
-    worker fails a given trial, so it is retried once.
+    Returns (failed trial number, retry trial number or None, why not retried) triples. Under the
+    lock only one worker fails a given trial, so it is retried once.
     """
     out = []
     with lock:
@@ -199,5 +208,7 @@ def recover_trials(study: optuna.Study, liveness: Liveness, lock: StudyLock) -> 
                     continue
             except (optuna.exceptions.UpdateFinishedTrialError, KeyError):
                 continue  # another worker got there first
-            out.append((frozen.number, enqueue_retry(study, storage.get_trial(tid), liveness.max_retry)))
+            failed = storage.get_trial(tid)
+            retry = enqueue_retry(study, failed, liveness.max_retry)
+            out.append((frozen.number, retry, "" if retry is not None else not_retried(failed, liveness.max_retry)))
     return out

@@ -429,8 +429,9 @@ class StudySession:
                 break
         return lost, queued
 
-    def recover(self) -> list[tuple[int, int | None]]:
-        """Fail dead workers' trials and queue them again: (failed number, retry number or None)."""
+    def recover(self) -> list[tuple[int, int | None, str]]:
+        """Fail dead workers' trials and queue them again: (failed number, retry number or None,
+        why not retried)."""
         return recover_trials(self.study, self.liveness, self.lock)
 
     error_line = staticmethod(error_line)

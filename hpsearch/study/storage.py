@@ -255,4 +255,8 @@ def open_existing_storage(url: str) -> optuna.storages.BaseStorage:
         # Absolute: the default storage is relative to the current directory, the usual surprise.
         raise HPSearchError(f"no study storage at {file.absolute()}; run `hpsearch run` in this directory first, "
                             f"or point at yours with --storage sqlite:////abs/path/hpsearch.db (four slashes)")
+    if file is not None and url.startswith("sqlite") and file.stat().st_size == 0:
+        # Opening it would create Optuna's tables in it: a reader must not write.
+        raise HPSearchError(f"{file.absolute()} is empty, not a study database; run `hpsearch run --storage {url}` "
+                            f"to start one there")
     return open_storage(url)

@@ -15,9 +15,10 @@ import math
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -25,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ..config import DEFAULT_STORAGE, DEFAULT_STUDY
 from ..errors import HPSearchError, first_line
 from .schema import METRIC, StudyAttr, TrialAttr, TrialRow, foreign_reason, study_attrs
-from .storage import artifact_dir, open_existing_storage, redact
+from .storage import artifact_dir, error_line, is_storage_error, open_existing_storage, redact
 
 CHECKPOINT_NAME = "best_model.pt"  # the report's copy, in results/<study>/
 ARTIFACT_PREFIX = "best_model_trial"  # the study artifact: best_model_trial<N>.pt
@@ -62,11 +63,29 @@ def open_view(url: str, name: str | None) -> StudyView:
     """Open a study for reading (`name` None: the storage's only study, or the default one); one-line
     errors for a missing storage or study and for a study without a complete trial."""
     storage = open_existing_storage(url)
-    study = resolve_study(storage, url, name)
-    best = best_complete_trial(study)
-    return StudyView(name=study.study_name, url=url, direction=study.direction.name.lower(),
-                     attrs=study_attrs(study._storage, study._study_id), trials=[trial_row(t) for t in study.get_trials(deepcopy=False)],
-                     best=trial_row(best), study=study, storage=storage)
+    with unreadable_storage_is_one_line(url):
+        study = resolve_study(storage, url, name)
+        best = best_complete_trial(study)
+        return StudyView(name=study.study_name, url=url, direction=study.direction.name.lower(),
+                         attrs=study_attrs(study._storage, study._study_id),
+                         trials=[trial_row(t) for t in study.get_trials(deepcopy=False)],
+                         best=trial_row(best), study=study, storage=storage)
+
+
+@contextmanager
+def unreadable_storage_is_one_line(url: str) -> Iterator[None]:
+    """A damaged database (a corrupt SQLite page) or a failing server, for readers: one line, not a
+    bug report. (`run` says the same through its own storage handling.)"""
+    try:
+        yield
+    except HPSearchError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if not is_storage_error(exc):
+            raise
+        hint = "; the file may be damaged (check it with: sqlite3 FILE 'PRAGMA integrity_check')" \
+            if url.startswith("sqlite") else ""
+        raise HPSearchError(f"cannot read {redact(url)}: {error_line(exc)}{hint}") from None
 
 
 def _study_names(storage: optuna.storages.BaseStorage, url: str) -> list[str]:
@@ -133,19 +152,20 @@ def list_studies(storage_url: str) -> list[dict]:
     """One row per study in a storage: trial counts by state, best value, start time."""
     storage = open_existing_storage(storage_url)
     rows = []
-    for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False):
-        trials = storage.get_all_trials(s._study_id, deepcopy=False)
-        states = {st.name: sum(t.state == st for t in trials) for st in TrialState}
-        foreign = foreign_reason([d.name for d in s.directions], s.user_attrs, len(trials))
-        # A foreign study is listed too, without a best: its values need not be accuracies.
-        complete = [] if foreign else [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-        rows.append({
-            "study": s.study_name, "dataset": "(not hpsearch)" if foreign else s.user_attrs.get(StudyAttr.DATASET),
-            "trials": len(trials),
-            "complete": states["COMPLETE"], "pruned": states["PRUNED"], "failed": states["FAIL"],
-            "running": states["RUNNING"], "best": max(complete) if complete else None,
-            "started": s.datetime_start.isoformat(timespec="seconds") if s.datetime_start else None,
-        })
+    with unreadable_storage_is_one_line(storage_url):
+        for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False):
+            trials = storage.get_all_trials(s._study_id, deepcopy=False)
+            states = {st.name: sum(t.state == st for t in trials) for st in TrialState}
+            foreign = foreign_reason([d.name for d in s.directions], s.user_attrs, len(trials))
+            # A foreign study is listed too, without a best: its values need not be accuracies.
+            complete = [] if foreign else [t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+            rows.append({
+                "study": s.study_name, "dataset": "(not hpsearch)" if foreign else s.user_attrs.get(StudyAttr.DATASET),
+                "trials": len(trials),
+                "complete": states["COMPLETE"], "pruned": states["PRUNED"], "failed": states["FAIL"],
+                "running": states["RUNNING"], "best": max(complete) if complete else None,
+                "started": s.datetime_start.isoformat(timespec="seconds") if s.datetime_start else None,
+            })
     return rows
 
 
