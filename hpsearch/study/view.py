@@ -277,10 +277,10 @@ def store_artifact(study, storage, url: str, checkpoint: Path, trial_number: int
 
 def _checkpoint_trial(path: Path) -> int | None:
     """The trial number a report's checkpoint says it was trained from."""
-    import torch
+    from ..checkpoint import read_checkpoint  # its checks (zip bombs, weights only) before torch.load
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True).get("meta", {}).get("trial")
+        return read_checkpoint(path).get("meta", {}).get("trial")
     except Exception:  # noqa: BLE001 - load_model will say what is wrong with it
         return None
 
