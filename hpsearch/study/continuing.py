@@ -19,7 +19,7 @@ from .storage import open_storage, storage_file
 
 def continue_settings(settings: RunSettings) -> tuple[RunSettings, Space]:
     """`settings` with every identity setting the user did not give taken from the study (when
-    it exists and has trials), and the space to search; refuses given settings that differ."""
+    it exists), and the space to search; refuses given settings that differ."""
     stored = None if settings.given is None else _stored_identity(settings)
     if stored is None:
         return settings, load_space(settings.space)
@@ -52,8 +52,8 @@ def _as_flag(key: str, value) -> str:
 
 
 def _stored_identity(settings: RunSettings) -> dict | None:
-    """The study's user attributes if it exists and has trials (a study without trials measured
-    nothing yet and takes new settings), else None. Creates nothing."""
+    """The study's attributes if it exists and its creator recorded what it measures, else None.
+    Creates nothing."""
     file = storage_file(settings.storage)
     if file is not None and not file.is_file():
         return None
@@ -63,6 +63,6 @@ def _stored_identity(settings: RunSettings) -> dict | None:
     except KeyError:
         return None
     attrs = study_attrs(storage, study_id)
-    if StudyAttr.DATASET not in attrs or storage.get_n_trials(study_id) == 0:
+    if StudyAttr.DATASET not in attrs:
         return None
     return attrs

@@ -37,6 +37,8 @@ from .schema import (FAILED_TRIAL, IDENTITY, METRIC, RUNS, WORKER, StudyAttr, Tr
 from .storage import StudyLock, error_line, is_storage_error, open_storage, redact
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# How long a worker waits for the creator of a study on a server to record its settings.
+IDENTITY_WAIT_S = 15.0
 LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 
 
@@ -186,6 +188,32 @@ def _start_count(study: optuna.Study) -> int:
     return len({t.user_attrs[TrialAttr.START] for t in trials if TrialAttr.START in t.user_attrs})
 
 
+def _create_or_load(settings: RunSettings, storage) -> tuple[optuna.Study, bool]:
+    """(study, created here). Creating is the atomic claim: a storage refuses a second study of one
+    name (a unique key in a database, the order of the log in a journal), so exactly one of the
+    workers started together creates it, and its settings are the study's."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return optuna.create_study(study_name=settings.study, storage=storage, direction="maximize"), True
+        except optuna.exceptions.DuplicatedStudyError:
+            return optuna.load_study(study_name=settings.study, storage=storage), False
+
+
+def _settled_identity(study: optuna.Study, wait: bool) -> dict | None:
+    """What the study's creator recorded it measures, or None for an empty study nobody claimed
+    (made with Optuna's own API: hpsearch adopts it). On a server the creator may still be writing
+    (no file lock there): wait for its last attribute, `created`."""
+    deadline = time.monotonic() + (IDENTITY_WAIT_S if wait else 0.0)
+    while True:
+        attrs = study_attrs(study._storage, study._study_id)
+        if StudyAttr.CREATED in attrs or StudyAttr.DATASET in attrs and not wait:
+            return attrs
+        if time.monotonic() >= deadline:
+            return attrs if StudyAttr.DATASET in attrs else None
+        time.sleep(0.2)
+
+
 def open_study(settings: RunSettings, space: Space, liveness: Liveness | None = None,
                lock: StudyLock | None = None) -> optuna.Study:
     """Create or load the study and check that it measures what `settings` say."""
@@ -193,20 +221,14 @@ def open_study(settings: RunSettings, space: Space, liveness: Liveness | None = 
     with lock:  # concurrent first runs on one file: one creates the tables, the study and its identity
         storage = open_storage(settings.storage, liveness)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                study = optuna.create_study(study_name=settings.study, storage=storage,
-                                            direction="maximize", load_if_exists=True)
+            study, created = _create_or_load(settings, storage)
             _refuse_foreign(study, settings)
             identity = _identity(settings, space)
-            existing = study_attrs(study._storage, study._study_id)
-            # A study without trials measured nothing yet: it takes the new settings.
-            if StudyAttr.DATASET in existing and study._storage.get_n_trials(study._study_id) > 0:
+            existing = None if created else _settled_identity(study, wait=not lock.exclusive)
+            if existing is not None:  # whoever created the study fixed what it measures
                 _check_identity(settings, existing, identity)
             else:
                 _write_identity(study, settings, space, identity)
-                if not lock.exclusive:  # two different commands racing on a server: one of them loses
-                    _check_identity(settings, study_attrs(study._storage, study._study_id), identity)
                 if settings.start:
                     _enqueue_starts(study, space, lock.exclusive)
             study.pruner = make_pruner(settings.pruner, settings.epochs, _start_count(study))
