@@ -124,7 +124,7 @@ class Report:
 
 
 def report(study: str | None = None, *, storage: str = DEFAULT_STORAGE, out: str | os.PathLike | None = None,
-           retrain: bool | None = None, importance: str = "ped-anova", device: str = "cpu",
+           retrain: bool | None = None, importance: str = "ped-anova", device: str = "auto",
            data_dir: str | None = None, artifact: bool = True, log: Callable[[str], None] | None = print) -> Report:
     """Write a study's report folder (default results/<study>/); returns a `Report`.
 

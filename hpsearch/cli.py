@@ -108,7 +108,7 @@ def run(
     val_fraction: float = typer.Option(0.1, help="Share of the training file held out for validation."),
     precision: str = typer.Option("fp32", help="Matmul precision on a GPU: fp32, tf32 or bf16 (autocast; weights stay fp32)."),
     grouping: str = typer.Option("auto", help="Which population members train as one computation: batch (pad shapes), width (pad within 2x), shape (exact), or auto (shape on CPU, batch on GPU)."),
-    start: bool = typer.Option(True, "--start/--no-start", help="A new study first runs the space's [[start]] "
+    start: bool = typer.Option(True, "--start/--no-start", help="A new study first runs the space's \\[\\[start]] "
                                                                  "configurations (known-good settings), then samples."),
     workers: str = typer.Option("auto", help="Worker processes sharing the study (N, or auto: one per GPU when "
                                              "there are several, else 1). --trials counts for all of them together."),
@@ -288,13 +288,14 @@ def bench(
     dataset: str = typer.Option("fashion-mnist", help="Dataset to time on."),
     data_dir: Optional[str] = typer.Option(None, help="Directory with the IDX files."),
     quick: bool = typer.Option(False, help="Shorter measurements (for smoke tests)."),
-    models: str = typer.Option("3x128,4x512,cnn", help="Comma-separated bench models: 3x128, 4x512 (MLPs), cnn (the seeds' CNN)."),
+    models: str = typer.Option("3x128,4x512,cnn", help="Comma-separated bench models: 3x128, 4x512 (MLPs), cnn (a small CNN, 32 -> 64 channels)."),
     population: str = typer.Option("", help="Comma-separated population sizes K to time (default: 4 on CPU, 8,32,128 on GPU)."),
     subset: Optional[int] = typer.Option(None, help="Time on N training images instead of the whole split."),
     mixed: Optional[int] = typer.Option(None, help="Also time N mixed-shape models under each grouping policy (default: 32 on GPU, off on CPU)."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
-    """Measure training throughput: hpsearch's trainer against the seeds' DataLoader loop."""
+    """Measure training throughput: hpsearch's trainer against a hand-written loop (row "seeds": DataLoader,
+    ToTensor, batch 32)."""
     from .bench import print_bench, run_bench
 
     try:

@@ -277,7 +277,10 @@ def describe_shape(params: dict) -> str:
     """A network's shape in a few characters, from a trial's params or a config's dict:
     "2x128 relu" (MLP layers x width) or "cnn 2x32c k3 max + 2x128 relu"."""
     head = f"{params.get('num_layers', '?')}x{params.get('layer_size', '?')} {params.get('activation', '')}".strip()
-    if params.get("family") != "cnn" and "conv_blocks" not in params:
+    # A config's dict names its family; a trial's params may not (a space fixes it), but only a
+    # CNN space samples conv_blocks.
+    family = params.get("family") or ("cnn" if "conv_blocks" in params else "mlp")
+    if family != "cnn":
         return head
     conv = (f"cnn {params.get('conv_blocks', '?')}x{params.get('channels', '?')}c k{params.get('kernel_size', '?')} "
             f"{params.get('pooling', '')}").strip()

@@ -143,7 +143,9 @@ def _write_identity(study: optuna.Study, settings: RunSettings, space: Space, id
              StudyAttr.VERSION: __version__, StudyAttr.CREATED: time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for key, value in attrs.items():
         set_study_attr(study._storage, study._study_id, key, value)
-    study.set_metric_names([METRIC])  # the dashboard and trials_dataframe say val_accuracy, not "Objective 0"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "set_metric_names is experimental"
+        study.set_metric_names([METRIC])  # the dashboard and trials_dataframe say val_accuracy, not "Objective 0"
 
 
 def _refuse_foreign(study: optuna.Study, settings: RunSettings) -> None:
