@@ -313,6 +313,21 @@ def bench(
         print_bench(results, Console(width=max(console.width, 130), highlight=False))
 
 
+@app.command()
+def doctor(
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]: where the self-check and the throughput run."),
+    data_dir: Optional[str] = typer.Option(None, help="Fashion-MNIST IDX files for the throughput run (default: where "
+                                                      "`run` looks; synthetic images if none; never downloads)."),
+    seconds: float = typer.Option(3.0, help="How long to time training throughput."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Describe this machine for a bug report: devices, versions, the CUDA-graph self-check, throughput."""
+    from .doctor import format_report, run_doctor
+
+    report = run_doctor(device=device, data_dir=data_dir, seconds=seconds)
+    print(json.dumps(report, indent=2) if as_json else format_report(report), flush=True)
+
+
 def _raise_interrupted(signum, frame) -> None:
     raise Interrupted(signum)
 

@@ -156,9 +156,11 @@ class _Running:
     epoch_seconds: list[float] = field(default_factory=list)
     population: list[int] = field(default_factory=list)
     curves: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in CURVES})
+    train_paths: list[str] = field(default_factory=list)  # per epoch: cuda-graph, eager, ...
 
     def add(self, result: EpochResult) -> None:
         self.epoch_seconds.append(result.seconds)
+        self.train_paths.append(result.train_path)
         self.population.append(result.group_size)
         for name in CURVES:
             self.curves[name].append(getattr(result, name))
@@ -179,7 +181,8 @@ class _Running:
             curves={k: [round(v, 6) if math.isfinite(v) else None for v in vs] for k, vs in self.curves.items()},
             config=config.to_dict(), stop_reason=reason or COMPLETED,
             versions={"hpsearch": __version__, "trainer": TRAINER_VERSION, "torch": torch.__version__,
-                      "optuna": OPTUNA_VERSION})
+                      "optuna": OPTUNA_VERSION},
+            train_path=", then ".join(dict.fromkeys(self.train_paths)))  # one path, or each in order
 
 
 class SearchLoop:

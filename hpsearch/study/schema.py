@@ -103,6 +103,7 @@ class TrialAttr:
     CONFIG = "config"
     STOP_REASON = "stop_reason"  # also set on failed trials: "interrupted", "surplus", "worker lost..."
     VERSIONS = "versions"
+    TRAIN_PATH = "train_path"  # what trained it: "cuda-graph", "eager" or "eager (graph check failed)"
     RETRY_OF = "retry_of"  # on a queued retry: the number of the trial it retries
     START = "hpsearch:start"  # on a starting configuration: its 1-based index among the space's [[start]]s
 
@@ -129,6 +130,7 @@ class TrialRecord:
     config: dict
     stop_reason: str
     versions: dict
+    train_path: str | None = None  # None: not recorded
 
     def __post_init__(self) -> None:
         assert set(asdict(self)) <= set(vars(TrialAttr).values()), "a TrialRecord field has no TrialAttr name"

@@ -16,6 +16,8 @@ So every training run here is a *population* of K >= 1 members:
   alone or inside any population, up to floating-point rounding (tests/test_population.py).
 - augment.py: rotation and shift of the training images, one affine grid for the batch.
 - population.py: `PopulationTrainer` (members join and leave between epochs) and `train_one`.
+- graphcheck.py: the first CUDA graph of each kind in a process is checked against the eager step
+  on the user's machine; on disagreement that kind trains eagerly (EpochResult.train_path says which).
 
 The dataset is a device tensor; a batch is a gather by a slice of the member's permutation.
 """

@@ -9,7 +9,7 @@ is a [K, 1, 1] tensor, reshaped by `_like` to broadcast against any parameter.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,7 @@ from ..data import Dataset
 from ..models import LEAKY_SLOPE
 from ..specs import warmup_steps
 from .augment import augment
+from .graphcheck import EAGER, PathCheck, compare_step_paths, unchecked_capture
 from .randomness import permutations, seed_mix, uniform
 
 ADAM_BETAS = (0.9, 0.999)
@@ -49,6 +50,9 @@ class Group:
         self._init_epoch_buffers()
         self.use_graphs = use_graphs
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.train_path = EAGER  # what trains the members: graphcheck.CUDA_GRAPH once a graph is recorded
+        # How the graph is recorded; the trainer sets graphcheck.checked_capture (checked once per process).
+        self.capture_graph: Callable[[Group], str] = unchecked_capture
 
     # -- supplied by a family -----------------------------------------------------------------
 
@@ -286,23 +290,55 @@ class Group:
         return self.loss_sum / n, self.correct_sum / n
 
     def _capture(self) -> int:
-        """Warm up on a side stream (real steps), then record one step as a CUDA graph."""
+        """Warm up (real steps), then record one step as a CUDA graph through `capture_graph`,
+        which leaves self.graph None when the graph fails its check or capture: eager from then on."""
         warmup = min(3, self.steps_per_epoch)
+        self._warm_up(warmup)
+        self.train_path = self.capture_graph(self)
+        if self.graph is None:
+            self.use_graphs = False
+        return warmup
+
+    def _warm_up(self, steps: int) -> None:
+        """Real steps on a side stream, as capture needs (on a CPU, where only tests record fake
+        graphs, plain steps)."""
+        if self.device.type != "cuda":
+            for _ in range(steps):
+                self.step()
+            return
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            for _ in range(warmup):
+            for _ in range(steps):
                 self.step()
         torch.cuda.current_stream(self.device).wait_stream(stream)
+
+    def record_graph(self) -> torch.cuda.CUDAGraph:
+        """One step recorded, not run (its kernels run on each replay)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step()
+        return graph
+
+    def check_graph(self, tolerance: float) -> PathCheck:
+        """One step replayed from a newly recorded graph against one eager step, from one state,
+        which is put back after; the graph stays in self.graph (the caller drops it on failure)."""
+        index = self.step_index.clone()
+        # warm-up may have used every batch of a short epoch: the checked step needs a real one
+        self.step_index.remainder_(self.steps_per_epoch)
+
+        def capture() -> Callable[[], None]:
+            self.graph = self.record_graph()
+            return self.graph.replay
+
+        # Parameters show any difference in the optimizer state (they are updated from it), so m
+        # and v are only put back: one copy of the parameters less to hold during the check.
+        compared = [*self.params, self.step_count, self.step_index, self.loss_sum]
         try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.step()
-            self.graph = graph
-        except RuntimeError:  # capture unsupported here: stay eager, correctness first
-            self.use_graphs = False
-            self.graph = None
-        return warmup
+            return compare_step_paths(compared, capture, self.step, tolerance,
+                                      restore_also=[*self.m, *self.v, self.correct_sum])
+        finally:
+            self.step_index.copy_(index)
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, chunk_units: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,7 @@ from ..config import GROUPINGS, PRECISIONS
 from ..data import Dataset
 from ..specs import TrainConfig
 from .cnn import ConvGroup, cnn_member_model
+from .graphcheck import EAGER, checked_capture, device_key
 from .group import Group
 from .mlp import Member, MLPGroup, member_model
 
@@ -42,6 +43,7 @@ class EpochResult:
     group_size: int
     finished: bool = False  # reached config.epochs; the trainer has dropped the member
     diverged: str | None = None  # reason; the trainer has dropped the member
+    train_path: str = EAGER  # what took the steps: graphcheck.CUDA_GRAPH, EAGER or EAGER_CHECK_FAILED
 
 
 def _fraction(accuracy: float, total: int) -> float:
@@ -141,8 +143,10 @@ class PopulationTrainer:
             members = [m for m in self._members.values() if self._group_key(m.key, m.config) == gk]
             if members:
                 family = ConvGroup if gk[0] == "cnn" else MLPGroup
-                self._groups[gk] = family(members, self.data, self.train_x, self.device, self.dtype,
-                                          self.use_graphs, self.precision)
+                group = family(members, self.data, self.train_x, self.device, self.dtype, self.use_graphs,
+                               self.precision)
+                group.capture_graph = self._capture_graph
+                self._groups[gk] = group
         for gk in dirty:
             group = self._groups.get(gk)
             if isinstance(group, ConvGroup) and group.K > 1 and not self._stacking_checked:
@@ -171,6 +175,12 @@ class PopulationTrainer:
         del self._groups[gk]
         self._rebuild()
 
+    def _capture_graph(self, group: Group) -> str:
+        """The process's first graph of a kind is checked against the eager step (graphcheck.py):
+        convolutions and matmuls are different kernels under capture, so each family has its own."""
+        kind = (device_key(self.device), self.precision, "cnn" if isinstance(group, ConvGroup) else "mlp")
+        return checked_capture(group, kind, self.note)
+
     def run_epoch(self) -> list[EpochResult]:
         """Advance every member one epoch; finished and diverged members leave the trainer."""
         self._rebuild()
@@ -195,7 +205,7 @@ class PopulationTrainer:
                     diverged = f"loss exploded to {tl:.3g} at epoch {member.epoch}"
                 finished = diverged is None and member.epoch >= member.config.epochs
                 results.append(EpochResult(member.key, member.epoch, tl, ta, vl, va, seconds,
-                                           group.K, finished, diverged))
+                                           group.K, finished, diverged, group.train_path))
                 if finished or diverged:
                     group.save_member(k)  # keep the final weights for model()
                     self._finished[member.key] = member
