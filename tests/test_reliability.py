@@ -137,7 +137,9 @@ def test_interrupts_mark_failed_and_the_next_run_continues(setup, tmp_path):
     """Ctrl-C on one worker, then SIGTERM on `--workers 2`: exit 130/143 with one line saying how to
     resume, no trial left RUNNING, interrupted trials queued; the next run finishes exactly N."""
     storage = f"sqlite:///{tmp_path}/s.db"
-    n, epochs = 4, 12
+    # 30 epochs (~0.1 s each): at 12, `--workers 2` on 2 cores once finished every trial between
+    # the test's polls (1 in 8 runs), and there was no running trial left to interrupt
+    n, epochs = 4, 30
     proc = start(run_args(setup, storage, "int", n, epochs), tmp_path)
     wait_for_running_trial(storage, "int", epochs)
     proc.send_signal(signal.SIGINT)
