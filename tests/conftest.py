@@ -69,3 +69,33 @@ def assert_one_line_error(code, err, *fragments):
     assert lines[0].startswith("error:") and "Traceback" not in err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The test PostgreSQL server's URL (HPSEARCH_TEST_POSTGRES, which .ci/run sets), checked reachable.
+
+    Without the variable the tests skip, saying how to get a server; with it, or with CI=true,
+    they fail instead, so a CI run proves they ran.
+    """
+    import os
+
+    url = os.environ.get("HPSEARCH_TEST_POSTGRES", "").strip()
+    if not url:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI=true but HPSEARCH_TEST_POSTGRES is not set: .ci/run starts a PostgreSQL server "
+                        "for these tests")
+        pytest.skip("no PostgreSQL server: eval \"$(bash scripts/postgres.sh start /tmp/hps-pg)\" starts one "
+                    "and sets HPSEARCH_TEST_POSTGRES (root or any user with Debian's postgresql installed)")
+    from hpsearch.study.storage import redact, server_url
+
+    try:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(server_url(url), connect_args={"connect_timeout": 5})
+        with engine.connect() as con:
+            con.execute(sqlalchemy.text("SELECT 1"))
+        engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - the variable promises a server: say why it is not there
+        pytest.fail(f"HPSEARCH_TEST_POSTGRES={redact(url)} is set but unusable: {str(exc).splitlines()[0]}")
+    return url

@@ -220,7 +220,9 @@ FLAG_CASES = {
     "study empty": ({"study": ""}, "invalid study name ''"),
     "study too long": ({"study": "x" * 200}, "invalid study name"),
     "malformed storage": ({"storage": "notadb://x"}, "cannot open storage 'notadb://x'"),
-    "server without driver": ({"storage": "postgresql://me:s3cret@127.0.0.1:1/db"}, "no database driver for postgresql"),
+    # psycopg 3 is hpsearch's driver; psycopg2 is not installed (test_postgres.py simulates a missing psycopg)
+    "server without driver": ({"storage": "postgresql+psycopg2://me:s3cret@127.0.0.1:1/db"},
+                              "no database driver for postgresql+psycopg2; hpsearch uses psycopg 3: write postgresql://"),
     "storage under /proc": ({"storage": "sqlite:////proc/hpsearch-none/x.db"}, "cannot write in /proc/hpsearch-none"),
     "journal without file": ({"storage": "journal:"}, "names no file"),
     "study measures something else": ({"epochs": 5}, "was created with --epochs 2;"),

@@ -2,12 +2,14 @@
 
 URLs: `sqlite:///path.db` (the default, `studies/hpsearch.db`), `journal:path.log` (Optuna's
 journal file, for shared file systems without a server), and server databases
-(`postgresql://...`, `mysql+pymysql://...`). A storage that must already exist (`report`,
-`studies`, `dashboard`) is opened with `open_existing_storage`, which never creates a file.
+(`postgresql://...` through psycopg 3, the `[postgres]` extra; `mysql+pymysql://...`). A storage
+that must already exist (`report`, `studies`, `dashboard`) is opened with `open_existing_storage`,
+which never creates a file.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import time
@@ -31,6 +33,19 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 # SQLite: how long a connection waits for another process's write lock before "database is locked".
 SQLITE_TIMEOUT_S = 60
+
+
+# PostgreSQL goes through psycopg 3 (the [postgres] extra). A plain postgresql:// means psycopg2
+# to SQLAlchemy 2.0 and psycopg 3 to 2.1, so it (and postgres://, which cloud consoles hand out and
+# SQLAlchemy rejects) is pointed at psycopg 3 explicitly: the same URL works with either version.
+PG_DIALECT = "postgresql+psycopg"
+PG_EXTRA = "pip install 'psycopg[binary]', hpsearch's [postgres] extra"
+
+
+def server_url(url: str) -> str:
+    """The URL SQLAlchemy gets: `postgresql://` and `postgres://` name the driver hpsearch installs."""
+    scheme, sep, rest = url.partition("://")
+    return f"{PG_DIALECT}://{rest}" if sep and scheme in ("postgresql", "postgres") else url
 
 
 def redact(url: str) -> str:
@@ -60,7 +75,20 @@ def error_line(exc: BaseException) -> str:
     the commit..."), so say the cause."""
     while isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
         exc = exc.__cause__
+    if type(exc).__name__ == "PendingRollbackError" and exc.__context__ is not None:
+        # "Can't reconnect until invalid transaction is rolled back": Optuna retried a query on a
+        # session whose connection the server had closed; what happened is that first error.
+        exc = exc.__context__
     return first_line(exc)
+
+
+def server_went_away(exc: BaseException) -> bool:
+    """The server closed the connection (shut down, restarted, the connection was killed): a
+    rerun once it is back continues, unlike a refused password or a wrong host."""
+    while isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or ""
+    return bool(getattr(exc, "connection_invalidated", False)) or sqlstate.startswith("57P")  # 57P: shutdown
 
 
 def is_storage_error(exc: BaseException) -> bool:
@@ -145,7 +173,7 @@ def _sqlite_wal(path: Path) -> bool:
 
     Measured with 4 and 8 processes asking/reporting/telling as fast as they can: 1.3-2.5x the
     storage throughput of the default rollback journal, readers never wait for a writer, no
-    "database is locked" either way (README, Reliability). WAL needs a local file system (shared
+    "database is locked" either way (docs/reliability.md). WAL needs a local file system (shared
     memory beside the file); HPSEARCH_SQLITE_WAL=0 keeps the rollback journal, e.g. on NFS.
     """
     if os.environ.get("HPSEARCH_SQLITE_WAL", "1").strip() == "0":
@@ -194,6 +222,43 @@ def _open_sqlite_read_only(path: Path) -> optuna.storages.BaseStorage:
     raise last
 
 
+class _NoFallbackNoise(logging.Filter):
+    """Optuna's RDB storage logs any OperationalError in a trial query as a warning with the SQL
+    ("Caught an error from sqlalchemy: ... Falling back to a slower alternative", meant for too
+    many IN variables). On a server that went away the fallback fails too and its error becomes
+    the one line the user sees; the warning's several lines show with --debug only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (optuna.logging.get_verbosity() <= optuna.logging.INFO
+                or not str(record.msg).startswith("Caught an error from sqlalchemy"))
+
+
+def _open_server(url: str, heartbeat: dict) -> optuna.storages.BaseStorage:
+    rdb_log = logging.getLogger("optuna.storages._rdb.storage")
+    if not any(isinstance(f, _NoFallbackNoise) for f in rdb_log.filters):
+        rdb_log.addFilter(_NoFallbackNoise())
+    engine_kwargs: dict = {}
+    if url.startswith(("postgresql", "mysql")):
+        # An unreachable server fails in seconds, not after the TCP timeout; pre-ping replaces a
+        # pooled connection that a server restart closed, so a worker whose epoch spans the restart
+        # carries on instead of failing on its next report.
+        engine_kwargs = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
+    return _retry_racing_init(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat))
+
+
+def _no_driver(url: str) -> str:
+    """Why a server URL cannot be opened without its driver, and what to install or write instead."""
+    scheme = url.split(":", 1)[0]
+    if scheme in ("postgresql", "postgres", PG_DIALECT):
+        return f"no database driver for {scheme} ({PG_EXTRA})"
+    if scheme.startswith("postgres"):  # another driver named explicitly, e.g. +psycopg2
+        return (f"no database driver for {scheme}; hpsearch uses psycopg 3: write postgresql://... "
+                f"({PG_EXTRA})")
+    if scheme.startswith("mysql"):
+        return f"no database driver for {scheme} (pip install pymysql and use mysql+pymysql://)"
+    return f"no database driver for {scheme}"
+
+
 def open_storage(url: str, liveness: Liveness | None = None) -> optuna.storages.BaseStorage:
     """An Optuna storage for a URL.
 
@@ -227,23 +292,17 @@ def open_storage(url: str, liveness: Liveness | None = None) -> optuna.storages.
                     raise HPSearchError(f"journal storage {url!r} names no file; use journal:path/to/file.log")
                 file.parent.mkdir(parents=True, exist_ok=True)
                 return optuna.storages.JournalStorage(RepairingJournalBackend(str(file)))
-            engine_kwargs = {}
-            if url.startswith(("postgresql", "mysql")):
-                # An unreachable server fails in seconds, not after the TCP timeout.
-                engine_kwargs = {"connect_args": {"connect_timeout": 10}}
-            return _retry_racing_init(lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat))
+            return _open_server(server_url(url), heartbeat)
     except HPSearchError:
         raise
     except OSError as exc:
         raise HPSearchError(f"cannot open storage {redact(url)!r}: {exc.strerror or exc}"
                             + (f": {exc.filename}" if exc.filename else "")) from None
     except ImportError:
-        scheme = url.split(":", 1)[0]
-        hint = {"postgresql": "pip install psycopg2-binary", "mysql": "pip install pymysql and use mysql+pymysql://"}
-        raise HPSearchError(f"cannot open storage {redact(url)!r}: no database driver for {scheme}"
-                            + (f" ({hint[scheme]})" if scheme in hint else "")) from None
+        raise HPSearchError(f"cannot open storage {redact(url)!r}: {_no_driver(url)}") from None
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors of every kind
-        raise HPSearchError(f"cannot open storage {redact(url)!r}: {error_line(exc)}") from None
+        again = "; run the same command again once the server is back" if server_went_away(exc) else ""
+        raise HPSearchError(f"cannot open storage {redact(url)!r}: {error_line(exc)}{again}") from None
 
 
 def open_existing_storage(url: str) -> optuna.storages.BaseStorage:
