@@ -1,11 +1,13 @@
 """The search against the obvious alternatives, on one machine, in one run.
 
-    .venv/bin/python benchmarks/search.py [--budgets 120,300,600] [--subset N] [--out DIR] [--json]
+    .venv/bin/python benchmarks/search.py [--budgets 120,300,600] [--methods default,random]
+        [--subset N] [--out DIR] [--json]
 
 For each wall-clock budget (seconds of `hpsearch run --timeout`), on the full Fashion-MNIST
 training split unless --subset is given:
   default   `hpsearch run` with the shipped space and settings (starting configurations first)
   random    random search over the same space, without the starting configurations
+  halving, hyperband  (on request) the default study with --pruner halving / hyperband
 and once, for reference:
   starts    the space's [[start]] configurations, each trained alone for the full epoch budget
             (the same seeds as in a study, so the same models)
@@ -23,7 +25,9 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = {"default": [], "random": ["--sampler", "random", "--no-start"]}
+METHODS = {"default": [], "random": ["--sampler", "random", "--no-start"],
+           # the default study with another pruner (--methods default,halving,hyperband)
+           "halving": ["--pruner", "halving"], "hyperband": ["--pruner", "hyperband"]}
 
 
 def _hpsearch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -98,12 +102,12 @@ def _fmt(v) -> str:
 def print_table(rows: list[dict], starts: dict) -> None:
     print(f"starts alone: best [[start]] {starts['best_start']}: val {starts['best_val']:.4f}, "
           f"test {starts['test_acc']:.4f} ({starts['seconds']:.0f} s for all of them)")
-    print(f"{'budget':>6} {'method':<8} {'finished':>8} {'val@1/4':>8} {'val@1/2':>8} {'val':>8} "
+    print(f"{'budget':>6} {'method':<9} {'finished':>8} {'val@1/4':>8} {'val@1/2':>8} {'val':>8} "
           f"{'test':>7} {'vs starts':>9}")
     for r in rows:
         by = r.get("best_val_by", {})
         gain = r["test_acc"] - starts["test_acc"] if r.get("test_acc") is not None else None
-        print(f"{r['budget_s']:>6} {r['method']:<8} {r.get('finished', '-'):>8} {_fmt(by.get(0.25)):>8} "
+        print(f"{r['budget_s']:>6} {r['method']:<9} {r.get('finished', '-'):>8} {_fmt(by.get(0.25)):>8} "
               f"{_fmt(by.get(0.5)):>8} {_fmt(r.get('best_val')):>8} {_fmt(r.get('test_acc')):>7} "
               f"{'-' if gain is None else f'{gain:+.4f}':>9}" + (f"  ({r['error']})" if r.get("error") else ""))
 
@@ -111,14 +115,19 @@ def print_table(rows: list[dict], starts: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="120,300,600", help="comma-separated seconds")
+    parser.add_argument("--methods", default="default,random", help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--subset", type=int, default=None)
     parser.add_argument("--out", default="bench-search", help="working folder (studies, reports, search.json)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    methods = args.methods.split(",")
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     starts = run_starts(args.subset)
-    rows = [run_method(m, int(b), out, args.subset) for b in args.budgets.split(",") for m in METHODS]
+    rows = [run_method(m, int(b), out, args.subset) for b in args.budgets.split(",") for m in methods]
     (out / "search.json").write_text(json.dumps({"starts": starts, "rows": rows}, indent=2) + "\n")
     if args.json:
         print(json.dumps({"starts": starts, "rows": rows}, indent=2))

@@ -86,6 +86,11 @@ def make_pruner(name: str, epochs: int, starts: int = 0) -> optuna.pruners.BaseP
         # Never before the 2nd epoch (steps are 1-based epochs; MedianPruner may prune once
         # step >= n_warmup_steps).
         return optuna.pruners.MedianPruner(n_startup_trials=starts or 5, n_warmup_steps=2)
+    if name == "halving":
+        # Asynchronous successive halving: rungs at epochs 2, 6, 18; a trial passes a rung only
+        # while it is in the best third of the trials that reached it (so it never waits for
+        # others, and no trial runs its whole budget just because few have been seen).
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3)
     if name == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
     return optuna.pruners.NopPruner()
