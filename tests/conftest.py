@@ -1,4 +1,6 @@
 import gzip
+import os
+import subprocess
 import struct
 import sys
 from pathlib import Path
@@ -99,3 +101,50 @@ def postgres_url() -> str:
     except Exception as exc:  # noqa: BLE001 - the variable promises a server: say why it is not there
         pytest.fail(f"HPSEARCH_TEST_POSTGRES={redact(url)} is set but unusable: {str(exc).splitlines()[0]}")
     return url
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker processes (tests/test_reliability.py, test_postgres.py): a small space so that a trial
+# on a small synthetic dataset lasts about a second, and heartbeats shortened (1 s beat, 5 s grace).
+
+WORKER_ENV = {**os.environ, "HPSEARCH_HEARTBEAT_INTERVAL": "1", "HPSEARCH_GRACE_PERIOD": "5", "OMP_NUM_THREADS": "1",
+              "PYTHONUNBUFFERED": "1"}
+WORKER_SPACE = """
+[params.num_layers]
+type = "int"
+low = 2
+high = 3
+[params.layer_size]
+type = "int"
+low = 16
+high = 96
+[params.lr]
+type = "float"
+low = 1e-3
+high = 1e-2
+log = true
+[params.activation]
+type = "categorical"
+choices = ["relu", "tanh"]
+[fixed]
+batch_size = 32
+optimizer = "adamw"
+"""
+
+
+def start(args, cwd) -> subprocess.Popen:
+    """A worker process (`python -m hpsearch run ...` as ARGS) in WORKER_ENV."""
+    return subprocess.Popen(args, cwd=cwd, env=WORKER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def load(storage, study):
+    import optuna
+
+    return optuna.load_study(study_name=study, storage=storage)
+
+
+def states(study) -> dict:
+    """How many of the study's trials are in each state, by name."""
+    from optuna.trial import TrialState
+
+    return {s.name: sum(t.state == s for t in study.trials) for s in TrialState}

@@ -19,34 +19,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import assert_one_line_error, cli, make_idx_dir
+from conftest import WORKER_ENV as ENV, WORKER_SPACE as SPACE, assert_one_line_error, cli, load, make_idx_dir, start, states
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HPSEARCH_HEARTBEAT_INTERVAL": "1", "HPSEARCH_GRACE_PERIOD": "5", "OMP_NUM_THREADS": "1",
-       "PYTHONUNBUFFERED": "1"}
-SPACE = """
-[params.num_layers]
-type = "int"
-low = 2
-high = 3
-[params.layer_size]
-type = "int"
-low = 16
-high = 96
-[params.lr]
-type = "float"
-low = 1e-3
-high = 1e-2
-log = true
-[params.activation]
-type = "categorical"
-choices = ["relu", "tanh"]
-[fixed]
-batch_size = 32
-optimizer = "adamw"
-"""
 EPOCHS = 8
 
 
@@ -92,10 +69,6 @@ def run_args(setup, storage, study, trials, *extra):
             "--device", "cpu", "--pruner", "none", *extra]
 
 
-def start(args, cwd):
-    return subprocess.Popen(args, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def finish(procs, timeout=180):
     """{pid: (returncode, stdout, stderr)}; kills what is left if one hangs."""
     results = {}
@@ -108,10 +81,6 @@ def finish(procs, timeout=180):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-
-
-def load(storage, study):
-    return optuna.load_study(study_name=study, storage=storage)
 
 
 def wait_for_running_trial(storage_url, study, workers=1, deadline_s=90):
@@ -137,10 +106,6 @@ def wait_for_running_trial(storage_url, study, workers=1, deadline_s=90):
                 storage.engine.dispose()
                 return t
     raise AssertionError("no trial got running in time")
-
-
-def states(study):
-    return {s.name: sum(t.state == s for t in study.trials) for s in TrialState}
 
 
 def assert_exact(study, n):

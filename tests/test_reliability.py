@@ -15,33 +15,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import make_idx_dir
+from conftest import WORKER_ENV as ENV, WORKER_SPACE as SPACE, load, make_idx_dir, start, states
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
-ENV = {**os.environ, "HPSEARCH_HEARTBEAT_INTERVAL": "1", "HPSEARCH_GRACE_PERIOD": "5", "OMP_NUM_THREADS": "1",
-       "PYTHONUNBUFFERED": "1"}
-SPACE = """
-[params.num_layers]
-type = "int"
-low = 2
-high = 3
-[params.layer_size]
-type = "int"
-low = 16
-high = 96
-[params.lr]
-type = "float"
-low = 1e-3
-high = 1e-2
-log = true
-[params.activation]
-type = "categorical"
-choices = ["relu", "tanh"]
-[fixed]
-batch_size = 32
-optimizer = "adamw"
-"""
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +37,6 @@ def run_args(setup, storage, study, trials, epochs=8, *extra):
             "--device", "cpu", "--pruner", "none", *extra]
 
 
-def start(args, cwd):
-    return subprocess.Popen(args, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def load(storage, study):
-    return optuna.load_study(study_name=study, storage=storage)
-
-
 def wait_for_running_trial(storage, study, epochs, deadline_s=90):
     """Poll the storage until some trial is RUNNING with at least one epoch reported and at least
     four still to go (so a signal sent now surely lands mid-trial); return it."""
@@ -82,10 +51,6 @@ def wait_for_running_trial(storage, study, epochs, deadline_s=90):
             if 1 <= len(t.intermediate_values) <= epochs - 4 and "hpsearch:worker" in t.system_attrs:
                 return t
     raise AssertionError("no trial got running in time")
-
-
-def states(study):
-    return {s.name: sum(t.state == s for t in study.trials) for s in TrialState}
 
 
 def test_four_workers_one_killed_then_rerun(setup, tmp_path):

@@ -114,6 +114,23 @@ def test_pruning_starts_after_the_starting_configurations():
     assert make_pruner("median", 20)._n_startup_trials == 5
 
 
+def test_halving_prunes_a_trial_behind_at_its_first_rung():
+    """--pruner halving: rungs at epochs 2, 6, 18; at epoch 2 a trial goes on only while it is in
+    the best third of those that reached it (the first trial at a rung is alone, so it goes on)."""
+    from hpsearch.study import make_pruner
+
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("halving", 20))
+    verdicts = []
+    for accuracy in (0.9, 0.8, 0.7, 0.95):
+        trial = study.ask()
+        for epoch in (1, 2):
+            trial.report(accuracy, epoch)
+        verdicts.append(trial.should_prune())
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED if verdicts[-1] else None,
+                   values=None if verdicts[-1] else accuracy)
+    assert verdicts == [False, True, True, False]
+
+
 def _settings(tmp_path, data, **kw):
     from hpsearch.config import RunSettings
 
