@@ -132,6 +132,14 @@ optimizer = "adamw"
 """
 
 
+def worker_files(root: Path, n_train: int) -> tuple[Path, Path]:
+    """A synthetic IDX dataset of n_train images and WORKER_SPACE as a file, under root."""
+    data = make_idx_dir(root / "data", n_train=n_train, n_test=50)
+    space = root / "space.toml"
+    space.write_text(WORKER_SPACE)
+    return data, space
+
+
 def start(args, cwd) -> subprocess.Popen:
     """A worker process (`python -m hpsearch run ...` as ARGS) in WORKER_ENV."""
     return subprocess.Popen(args, cwd=cwd, env=WORKER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

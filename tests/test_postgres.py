@@ -19,7 +19,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import WORKER_ENV as ENV, WORKER_SPACE as SPACE, assert_one_line_error, cli, load, make_idx_dir, start, states
+from conftest import WORKER_ENV as ENV, assert_one_line_error, cli, load, start, states, worker_files
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -29,11 +29,7 @@ EPOCHS = 8
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pg")
-    data = make_idx_dir(root / "data", n_train=3000, n_test=50)
-    space = root / "space.toml"
-    space.write_text(SPACE)
-    return data, space
+    return worker_files(tmp_path_factory.mktemp("pg"), n_train=3000)
 
 
 def _admin(url: str):

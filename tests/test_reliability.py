@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import WORKER_ENV as ENV, WORKER_SPACE as SPACE, load, make_idx_dir, start, states
+from conftest import WORKER_ENV as ENV, load, start, states, worker_files
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -23,11 +23,7 @@ optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rel")
-    data = make_idx_dir(root / "data", n_train=1500, n_test=50)
-    space = root / "space.toml"
-    space.write_text(SPACE)
-    return data, space
+    return worker_files(tmp_path_factory.mktemp("rel"), n_train=1500)
 
 
 def run_args(setup, storage, study, trials, epochs=8, *extra):

@@ -70,11 +70,16 @@ def artifact_dir(url: str) -> Path:
     return (file.parent if file is not None else Path("studies")) / "artifacts"
 
 
-def error_line(exc: BaseException) -> str:
-    """One line for a storage error: Optuna wraps database errors ("An exception is raised during
-    the commit..."), so say the cause."""
+def _unwrapped(exc: BaseException) -> BaseException:
+    """The database's own error: Optuna wraps it ("An exception is raised during the commit...")."""
     while isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
         exc = exc.__cause__
+    return exc
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for a storage error, naming its cause rather than Optuna's wrapper."""
+    exc = _unwrapped(exc)
     if type(exc).__name__ == "PendingRollbackError" and exc.__context__ is not None:
         # "Can't reconnect until invalid transaction is rolled back": Optuna retried a query on a
         # session whose connection the server had closed; what happened is that first error.
@@ -85,8 +90,7 @@ def error_line(exc: BaseException) -> str:
 def server_went_away(exc: BaseException) -> bool:
     """The server closed the connection (shut down, restarted, the connection was killed): a
     rerun once it is back continues, unlike a refused password or a wrong host."""
-    while isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
-        exc = exc.__cause__
+    exc = _unwrapped(exc)
     sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or ""
     return bool(getattr(exc, "connection_invalidated", False)) or sqlstate.startswith("57P")  # 57P: shutdown
 
