@@ -176,6 +176,37 @@ def test_ask_stays_exact_when_two_workers_race(tmp_path, monkeypatch):
     assert trials[4].params == failed.params and trials[4].system_attrs["failed_trial"] == failed.number
 
 
+def test_a_new_trial_never_overtakes_a_queued_retry(tmp_path):
+    """Where asking is not serialized, a retry may be queued between Optuna finding no queued trial
+    and creating a new one. The new trial gives itself up and the retry runs: else the study can
+    reach its target with the retry still WAITING (seen in CI on PostgreSQL)."""
+    from hpsearch.study import StudyLock, enqueue_retry
+    from hpsearch.study.session import _ask
+
+    url = f"sqlite:///{tmp_path}/overtake.db"
+    study = optuna.create_study(study_name="o", storage=url, direction="maximize")
+    lock = StudyLock(url)
+    lock.path = None  # as for postgresql://: no file lock
+    killed = _ask_one(study)
+    study.tell(killed, state=TrialState.FAIL)
+    real_ask = study.ask
+    raced = []
+
+    def racing_ask(*args, **kwargs):
+        if not raced:  # the first ask loses the race: the retry is queued, then a new trial made
+            raced.append(enqueue_retry(study, study._storage.get_trial(killed._trial_id), max_retry=3))
+            return optuna.Trial(study, study._storage.create_new_trial(study._study_id))
+        return real_ask(*args, **kwargs)
+
+    study.ask = racing_ask
+    taken = _ask(study, 5, lock)
+    trials = study.trials
+    assert taken.number == raced[0] and trials[taken.number].state == TrialState.RUNNING
+    overtaking = trials[raced[0] + 1]
+    assert overtaking.state == TrialState.FAIL and overtaking.user_attrs["stop_reason"] == "surplus"
+    assert not [t for t in trials if t.state == TrialState.WAITING]
+
+
 def _ask_one(study):
     trial = study.ask()
     trial.suggest_float("x", 0, 1)

@@ -42,6 +42,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # How long a worker waits for the creator of a study on a server to record its settings.
 IDENTITY_WAIT_S = 15.0
 LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+ASK_ATTEMPTS = 5  # a new trial that overtook a queued one is given up and the ask repeated
 
 
 class TrialTaken(Exception):
@@ -297,25 +298,33 @@ def _ask(study: optuna.Study, target: int, lock: StudyLock,
          keep: Callable[[optuna.Trial], None] = lambda trial: None) -> optuna.Trial | None:
     """A new (or queued) trial if the study still needs one, else None.
 
-    Asks only while finished + running < target, then checks that the new trial is among the first
-    `target` live trials by number. Under the file lock nobody can interleave, so the check never
-    fires; on a server database two workers may both ask for the last slot, and the higher number
-    gives its trial up (FAIL, stop_reason "surplus", its queued params queued again). `keep`
-    registers the trial with its session before a Ctrl-C can land (see _signals_deferred).
+    Asks only while finished + running < target, then checks the new trial against the others.
+    Under the file lock nobody can interleave, so the checks never fire; on a server database:
+    - two workers may both ask for the last slot: the higher number gives its trial up (FAIL,
+      stop_reason "surplus", its queued params queued again);
+    - a retry may be queued between Optuna looking for queued trials and creating a new one: the
+      new trial gives itself up and the ask is repeated, so that the retry is not left WAITING
+      behind a study that reached its target (seen once in CI with a SIGKILLed worker).
+    `keep` registers the trial with its session before a Ctrl-C can land (see _signals_deferred).
     """
     with lock:
-        live = study._storage.get_all_trials(study._study_id, deepcopy=False, states=LIVE)
-        if len(live) >= target:
-            return None
-        with _signals_deferred(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with optimize"
-            trial = study.ask()
+        for _ in range(ASK_ATTEMPTS):
             live = study._storage.get_all_trials(study._study_id, deepcopy=False, states=LIVE)
-            if sum(t.number < trial.number for t in live) < target:
-                keep(trial)
-                return trial
-            _give_up_surplus(study, trial)
-            return None
+            if len(live) >= target:
+                return None
+            with _signals_deferred(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with optimize"
+                trial = study.ask()
+                others = study._storage.get_all_trials(study._study_id, deepcopy=False, states=(*LIVE, TrialState.WAITING))
+                if any(t.state == TrialState.WAITING and t.number < trial.number for t in others):
+                    _give_up_surplus(study, trial)  # it overtook a queued trial: ask again
+                    continue
+                if sum(t.number < trial.number for t in others) < target:
+                    keep(trial)
+                    return trial
+                _give_up_surplus(study, trial)
+                return None
+        return None
 
 
 def _give_up_surplus(study: optuna.Study, trial: optuna.Trial) -> None:
