@@ -97,7 +97,7 @@ def run(
     storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
     dataset: str = typer.Option("fashion-mnist", help="mnist, fashion-mnist, kmnist or idx (a directory of IDX files)."),
     data_dir: Optional[str] = typer.Option(None, help="Directory with the four IDX files (raw or .gz), or where to download."),
-    space: Optional[str] = typer.Option(None, help="Search-space TOML, or a shipped space by name: mlp (the default) or cnn (studies/NAME.toml if present, else the packaged one)."),
+    space: Optional[str] = typer.Option(None, help="Search-space TOML, or a shipped space by name: mlp (the default), mlp-wide or cnn (studies/NAME.toml if present, else the packaged one)."),
     epochs: int = typer.Option(20, help="Epoch budget per trial; pruning decides how many a trial gets."),
     subset: Optional[int] = typer.Option(None, help="Use N training images (stratified) for quick CPU runs."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),

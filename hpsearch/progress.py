@@ -63,7 +63,8 @@ class RichReporter:
     def trial_finished(self, outcome, best, done):
         p = outcome.params
         shape = describe_shape(p)
-        opt = f"{p.get('optimizer', '')} lr={p.get('lr', 0):.2g} wd={p.get('weight_decay', 0):.1g} bs={p.get('batch_size', '')}"
+        opt = (f"{p['optimizer']} " if "optimizer" in p else "") + \
+            f"lr={p.get('lr', 0):.2g} wd={p.get('weight_decay', 0):.1g} bs={p.get('batch_size', '')}"
         state = "[green]complete[/]" if outcome.state == "COMPLETE" else f"[yellow]{outcome.reason or 'pruned'}[/]"
         retry = f" (retry of {outcome.retry_of})" if outcome.retry_of is not None else ""
         self.progress.console.print(soft_wrap=True, *[

@@ -17,7 +17,7 @@ from .specs import (ACTIVATION_NAMES, FAMILIES, INITS, KERNEL_SIZES, MAX_CONV_BL
                     SCHEDULES)
 
 DEFAULT_SPACE_PATH = Path("studies/mlp.toml")
-SHIPPED_SPACES = ("mlp", "cnn")  # hpsearch/spaces/NAME.toml; `--space cnn` finds studies/cnn.toml or this
+SHIPPED_SPACES = ("mlp", "mlp-wide", "cnn")  # hpsearch/spaces/NAME.toml; `--space cnn` finds studies/cnn.toml or this
 
 # Every parameter a space may name: its Python type and the values that make sense.
 _RULES: dict[str, tuple[type, object]] = {

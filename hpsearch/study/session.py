@@ -82,11 +82,13 @@ class BestTrial:
 
 def make_pruner(name: str, epochs: int, starts: int = 0) -> optuna.pruners.BasePruner:
     """`starts`: how many [[start]] trials the study begins with. They run their whole budget and
-    are the reference, so pruning starts after them; without them, after five full trials."""
+    are the reference, so pruning starts after them; without them, after the first trial (a
+    median needs one finished curve; waiting for five let five random trials run their whole
+    budget, a quarter of a 10-minute study)."""
     if name == "median":
         # Never before the 2nd epoch (steps are 1-based epochs; MedianPruner may prune once
         # step >= n_warmup_steps).
-        return optuna.pruners.MedianPruner(n_startup_trials=starts or 5, n_warmup_steps=2)
+        return optuna.pruners.MedianPruner(n_startup_trials=starts or 1, n_warmup_steps=2)
     if name == "halving":
         # Asynchronous successive halving: rungs at epochs 2, 6, 18; a trial passes a rung only
         # while it is in the best third of the trials that reached it (so it never waits for
@@ -250,14 +252,22 @@ def open_study(settings: RunSettings, space: Space, liveness: Liveness | None = 
     return study
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """The sampler for `--sampler` (see config.SAMPLERS), seeded."""
+# Random trials TPE takes before modelling, on top of the [[start]] trials. Optuna's default is
+# 10 in all; with starts, TPE already holds good points, and its first model centres on the best
+# start: a local search around what is known to work, measured by benchmarks/search.py.
+RANDOM_AFTER_STARTS = 4
+
+
+def make_sampler(name: str, seed: int, starts: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler for `--sampler` (see config.SAMPLERS), seeded; `starts`: the study's [[start]] trials."""
     name = resolve_sampler(name)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "gp":  # RunSettings.validate has checked that scipy is there
         return optuna.samplers.GPSampler(seed=seed, deterministic_objective=False)
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    startup = starts + RANDOM_AFTER_STARTS if starts else 10
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
+                                      n_startup_trials=startup)
 
 
 def _seed_sampler(study: optuna.Study, settings: RunSettings, lock: StudyLock) -> None:
@@ -269,7 +279,7 @@ def _seed_sampler(study: optuna.Study, settings: RunSettings, lock: StudyLock) -
         study._storage.set_study_system_attr(study._study_id, RUNS, int(runs) + 1)
     salt = 0 if lock.exclusive else os.getpid()  # a server: the run counter may race
     seed = (settings.seed * 1_000_003 + int(runs) + salt * 7919) % 2**32
-    study.sampler = make_sampler(settings.sampler, seed)
+    study.sampler = make_sampler(settings.sampler, seed, _start_count(study))
     study.set_user_attr(StudyAttr.SAMPLER, resolve_sampler(settings.sampler))
     study.set_user_attr(StudyAttr.PRUNER, settings.pruner)
 
