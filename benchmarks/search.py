@@ -1,7 +1,7 @@
 """The search against the obvious alternatives, on one machine, in one run.
 
     .venv/bin/python benchmarks/search.py [--budgets 120,300,600] [--methods default,random]
-        [--subset N] [--out DIR] [--json]
+        [--subset N] [--seed S] [--out DIR] [--json]
 
 For each wall-clock budget (seconds of `hpsearch run --timeout`), on the full Fashion-MNIST
 training split unless --subset is given:
@@ -52,9 +52,9 @@ def _best_so_far(storage: str, study: str, budget: float) -> dict:
             "best_val": max((v for _, v in done), default=None)}
 
 
-def run_method(method: str, budget: int, out: Path, subset: int | None) -> dict:
-    study, storage = f"{method}-{budget}", f"sqlite:///{out}/bench.db"
-    data = ["--subset", str(subset)] if subset else []
+def run_method(method: str, budget: int, out: Path, subset: int | None, seed: int = 0) -> dict:
+    study, storage = f"{method}-{budget}" + (f"-s{seed}" if seed else ""), f"sqlite:///{out}/bench.db"
+    data = (["--subset", str(subset)] if subset else []) + ["--seed", str(seed)]
     start = time.perf_counter()
     run = _hpsearch(["run", "--timeout", str(budget), "--trials", "100000", "--study", study,
                      "--storage", storage, *data, *METHODS[method]], out)
@@ -72,19 +72,22 @@ def run_method(method: str, budget: int, out: Path, subset: int | None) -> dict:
             "best_params": result["params"]}
 
 
-def run_starts(subset: int | None, epochs: int = 20) -> dict:
-    """The starting configurations trained alone, with the seeds trials 0, 1, ... get in a study."""
+def run_starts(subset: int | None, epochs: int = 20, seed: int = 0) -> dict:
+    """The starting configurations trained alone, on the split and with the seeds trials 0, 1, ...
+    get in a study made with `--seed seed`."""
     from hpsearch.data import load_dataset
     from hpsearch.report import evaluate
     from hpsearch.space import load_space
+    from hpsearch.study.session import trial_seed
     from hpsearch.train import TrainConfig, train_one
 
     space = load_space(None)
-    data = load_dataset("fashion-mnist", subset=subset, seed=0)
+    data = load_dataset("fashion-mnist", subset=subset, seed=seed)
     rows = []
     for number, params in enumerate(space.starts):
         start = time.perf_counter()
-        config = TrainConfig.from_params({**space.fixed, **params}, epochs=epochs, seed=number)
+        config = TrainConfig.from_params({**space.fixed, **params}, epochs=epochs,
+                                         seed=trial_seed(seed, number))
         result = train_one(config, data)
         rows.append({"start": number + 1, "seconds": round(time.perf_counter() - start, 1),
                      "val_acc": result.final.val_acc, "model": result.model})
@@ -117,6 +120,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="120,300,600", help="comma-separated seconds")
     parser.add_argument("--methods", default="default,random", help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--subset", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="hpsearch run --seed for every study (and the starts)")
     parser.add_argument("--out", default="bench-search", help="working folder (studies, reports, search.json)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -126,8 +130,8 @@ def main() -> None:
         parser.error(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    starts = run_starts(args.subset)
-    rows = [run_method(m, int(b), out, args.subset) for b in args.budgets.split(",") for m in methods]
+    starts = run_starts(args.subset, seed=args.seed)
+    rows = [run_method(m, int(b), out, args.subset, args.seed) for b in args.budgets.split(",") for m in methods]
     (out / "search.json").write_text(json.dumps({"starts": starts, "rows": rows}, indent=2) + "\n")
     if args.json:
         print(json.dumps({"starts": starts, "rows": rows}, indent=2))

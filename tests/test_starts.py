@@ -219,3 +219,53 @@ def test_a_start_that_died_before_sampling_is_retried_with_its_values(tmp_path):
     retry = next(t for t in trials if t.number == number)
     config = _config_for(retry, space, 2, 0)
     assert (config.lr, config.layer_size, config.optimizer) == (1e-3, 32, "adamw")
+
+
+def test_the_report_tests_the_best_start_beside_the_best_trial(tmp_path):
+    """The issue: the report shows the best start against the best found, validation and test."""
+    import json
+
+    from hpsearch.report import write_report
+
+    from hpsearch.config import RunSettings
+    from hpsearch.search import run_study
+
+    data = make_idx_dir(tmp_path / "data", n_train=300)
+    space = tmp_path / "space.toml"  # starts that learn slowly (SGD at lr 1e-4), so a sampled trial wins
+    space.write_text(SPACE + "[[start]]\nlr = 1e-4\nlayer_size = 16\noptimizer = 'sgd'\n"
+                     + "[[start]]\nlr = 2e-4\nlayer_size = 16\noptimizer = 'sgd'\n")
+    url, out = f"sqlite:///{tmp_path}/s.db", tmp_path / "report"
+    run_study(RunSettings(trials=5, study="s", storage=url, dataset="idx", data_dir=str(data), space=str(space),
+                          epochs=2, device="cpu", pruner="none", sampler="random"))
+    trials = optuna.load_study(study_name="s", storage=url).trials
+    best = max(trials, key=lambda t: t.value)
+    start = max(trials[:2], key=lambda t: t.value)
+    assert best.number >= 2, "a start was the best trial: the test needs a sampled one to win"
+    lines = []
+    write_report("s", url, out, data_dir=str(data), artifact=False, log=lines.append)
+    tested = json.loads((out / "best.json").read_text())["best_start"]
+    # the start retrained with its own seed is the trial's model: same validation accuracy
+    assert tested["trial"] == start.number and tested["validation_accuracy"] == start.value
+    summary = json.loads((out / "summary.json").read_text())
+    best_test = json.loads((out / "best.json").read_text())["test_accuracy"]
+    assert summary["best_start"]["test_accuracy"] == tested["test_accuracy"]
+    assert summary["best_start"]["test_lead"] == pytest.approx(best_test - tested["test_accuracy"])
+    assert f"test {tested['test_accuracy']:.4f}" in (out / "index.html").read_text()
+    assert any("testing the best start" in line for line in lines)
+    lines.clear()
+    write_report("s", url, out, data_dir=str(data), artifact=False, log=lines.append)  # reused, not retrained
+    assert not any("testing the best start" in line for line in lines)
+    assert json.loads((out / "best.json").read_text())["best_start"] == tested
+
+
+def test_a_validation_lead_within_two_standard_errors_is_called_possible_luck():
+    from hpsearch.study.view import lead_within_noise, standard_error
+
+    assert standard_error(0.91, 6000) == pytest.approx(0.00369, abs=1e-5)
+    assert standard_error(0.9, None) is None
+    se = standard_error(0.865, 1000)
+    summary = {"validation_standard_error": se, "best_start": {"lead": 0.011}}
+    assert lead_within_noise(summary)  # 0.011 on 1,000 images: 1.02 standard errors
+    assert not lead_within_noise({**summary, "best_start": {"lead": 0.03}})
+    assert not lead_within_noise({**summary, "best_start": {"lead": 0.0}})  # the best is the start
+    assert not lead_within_noise({"validation_standard_error": se, "best_start": None})

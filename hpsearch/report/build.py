@@ -21,7 +21,7 @@ from ..study.charts import IMPORTANCE_EVALUATORS
 from ..study.view import CHECKPOINT_NAME, Log, StudyView, open_view, study_summary, trials_frame
 from .figures import Chart, best_so_far_figure, learning_curves_figure, size_figure
 from .html import PLOTLY_JS, render_index
-from .retrain import Retrained, retrain_best, reuse_best
+from .retrain import Retrained, retrain_best, reuse_best, tested_best_start
 
 # PED-ANOVA (the default evaluator) contrasts the top 10% of trials with the rest: below 20
 # complete trials that top is one trial, so the importances are rough.
@@ -115,6 +115,16 @@ def _out_dir(out: str | os.PathLike | None, study: str) -> Path:
     return out_dir
 
 
+def _add_start_test(summary: dict, retrained: Retrained, start: dict | None) -> None:
+    """The best start's test accuracy beside the best trial's: in best.json and summary.json."""
+    retrained.best_json.pop("best_start", None)
+    if start is None or summary.get("best_start") is None:
+        return
+    retrained.best_json["best_start"] = start
+    summary["best_start"].update(test_accuracy=start["test_accuracy"],
+                                 test_lead=retrained.evaluation.accuracy - start["test_accuracy"])
+
+
 def _write_best(out_dir: Path, retrained: Retrained) -> list[str]:
     text = json.dumps(retrained.best_json, indent=2, default=str)
     atomic_write(out_dir / "best.json", lambda tmp: Path(tmp).write_text(text + "\n"))
@@ -182,6 +192,7 @@ def write_report(study: str | None = None, storage: str = DEFAULT_STORAGE, out: 
     if retrain is not False:
         retrained = _best_model(view, out_dir, retrain, device, data_dir, artifact, log)
         charts += retrained.charts
+        _add_start_test(summary, retrained, tested_best_start(view, retrained, log))
         files += _write_best(out_dir, retrained)
     files += _write_charts(out_dir, charts)
     text = json.dumps(summary, indent=2, default=str) + "\n"

@@ -9,6 +9,7 @@ import json
 from datetime import datetime
 
 from .. import __version__
+from ..study import NOISE_STANDARD_ERRORS, lead_within_noise
 from .figures import Chart
 
 PLOTLY_JS = "plotly.min.js"  # the report folder's one copy of plotly.js: index.html and charts/ load it
@@ -66,20 +67,30 @@ def _summary_rows(s: dict) -> list[tuple[str, object]]:
         ("epoch budget per trial", s["epochs"]), ("seed", s["seed"]), ("created", s["created"]),
         ("trials", f"{s['trials']} ({states})"),
         ("best validation accuracy", f"{s['best_value']:.4f} (trial {s['best_trial']})"),
-        ("best starting configuration", _start_text(s.get("best_start"), s["best_value"])),
+        ("best starting configuration", _start_text(s)),
         ("total compute time", f"{_duration(s['trial_seconds_total'])} summed over trials; "
                                f"{_duration(s['wall_seconds'])} wall clock from first start to last finish"),
         ("devices", ", ".join(s["devices"]) or "-"),
     ]
 
 
-def _start_text(start: dict | None, best_value: float) -> str:
+def _start_text(s: dict) -> str:
+    start = s.get("best_start")
     if start is None:
         return "none completed (the study ran no [[start]] configuration, or none finished its budget)"
-    gain = best_value - start["value"]
-    return (f"{start['value']:.4f} (trial {start['trial']}, [[start]] {start['start']}); "
-            f"the search found {gain:+.4f} over it" if gain > 0 else
-            f"{start['value']:.4f} (trial {start['trial']}, [[start]] {start['start']}): the best so far")
+    tested = "test_accuracy" in start
+    head = (f"validation {start['value']:.4f}" + (f", test {start['test_accuracy']:.4f}" if tested else "")
+            + f" (trial {start['trial']}, [[start]] {start['start']})")
+    if start["lead"] <= 0:
+        return f"{head}: the best so far"
+    text = f"{head}; the search found {start['lead']:+.4f} over it on validation"
+    if tested:
+        text += f", {start['test_lead']:+.4f} on test"
+    if lead_within_noise(s):
+        text += (f"; the validation lead is within {NOISE_STANDARD_ERRORS} standard errors of a validation "
+                 f"accuracy on this split ({NOISE_STANDARD_ERRORS} x {s['validation_standard_error']:.4f}) and may "
+                 f"be luck" + ("" if tested else ": the test accuracy says"))
+    return text
 
 
 def _head(s: dict, charts: list[Chart]) -> list[str]:

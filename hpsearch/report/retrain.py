@@ -29,7 +29,7 @@ from ..specs import TrainConfig, describe_shape
 from ..study import OPTUNA_VERSION
 from ..study.schema import StudyAttr, TrialAttr
 from ..study.storage import redact
-from ..study.view import CHECKPOINT_NAME, Log, StudyView, file_sha256, store_artifact
+from ..study.view import CHECKPOINT_NAME, Log, StudyView, best_start_trial, file_sha256, store_artifact
 from ..train import TRAINER_VERSION, EpochResult, TrainResult, train_one
 from .figures import Chart, retrain_charts
 
@@ -313,3 +313,32 @@ def reuse_best(view: StudyView, out: Path, data_dir: str | None, log: Log, artif
                for h in saved["history"]]
     charts = retrain_charts(data, ev, history, view.best.number)
     return Retrained(config, data, history, ev, saved["retrain_seconds"], ckpt, saved, charts)
+
+
+def tested_best_start(view: StudyView, retrained: Retrained, log: Log) -> dict | None:
+    """The best [[start]] trial retrained (its own seed: the trial's model) and tested once, so the
+    report can show what the search gained on the test split, not only on validation (where the
+    best of many trials' noisy numbers flatters it). None when the best trial is itself a start or
+    there is no complete start with a recorded configuration. Reused from best.json when it holds
+    the same start."""
+    start = best_start_trial(view.trials)
+    if start is None or start.number == view.best.number or not isinstance(start.attrs.get("config"), dict):
+        return None
+    saved = retrained.best_json.get("best_start")
+    if (isinstance(saved, dict) and saved.get("trial") == start.number and saved.get("config") == start.attrs["config"]
+            and isinstance(saved.get("test_accuracy"), float)):
+        return saved
+    try:
+        config = TrainConfig.from_params(start.attrs["config"])
+    except (TypeError, ValueError) as exc:
+        log(f"not testing the best start (trial {start.number}): its configuration {first_line(exc)}")
+        return None
+    data = retrained.data
+    log(f"testing the best start beside it: retraining trial {start.number} for {config.epochs} epochs")
+    began = time.perf_counter()
+    result = train_one(config, data)
+    model = result.model.cpu().float().eval()
+    ev = evaluate(model, data.test_x.cpu(), data.test_y.cpu(), data.classes, data.image_shape)
+    return {"trial": start.number, "start": start.start, "config": start.attrs["config"],
+            "study_validation_accuracy": start.value, "validation_accuracy": result.final.val_acc,
+            "test_accuracy": ev.accuracy, "retrain_seconds": time.perf_counter() - began}

@@ -349,12 +349,16 @@ def _give_up_surplus(study: optuna.Study, trial: optuna.Trial) -> None:
         study._storage.create_new_trial(study._study_id, template_trial=requeue)
 
 
+def trial_seed(study_seed: int, number: int) -> int:
+    """The training seed of trial `number` in a study run with `--seed study_seed`."""
+    return (study_seed * 1_000_003 + number) % 2**31
+
+
 def _config_for(trial: optuna.Trial, space: Space, epochs: int, seed: int) -> TrainConfig:
     params = {p.name: suggest(trial, p) for p in space.params}
     # A retried trial trains with the seed of the trial it retries: same run, same result.
     origin = trial.study._storage.get_trial_system_attrs(trial._trial_id).get(FAILED_TRIAL, trial.number)
-    trial_seed = (seed * 1_000_003 + int(origin)) % 2**31
-    return TrainConfig.from_params({**space.fixed, **params}, epochs=epochs, seed=trial_seed)
+    return TrainConfig.from_params({**space.fixed, **params}, epochs=epochs, seed=trial_seed(seed, int(origin)))
 
 
 # ----------------------------------------------------------------------------------------------
