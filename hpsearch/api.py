@@ -118,6 +118,9 @@ class Report:
     validation_accuracy: float  # the best trial's value in the study
     test_accuracy: float | None  # the retrained model on the test split
     checkpoint: Path | None  # the retrained model: results/<study>/best_model.pt
+    # the best [[start]] trial: trial, value and the search's lead over it; when the report tested
+    # it (it does when it retrains), its test_accuracy and test_lead too; None without starts
+    best_start: dict | None = None
 
     def __fspath__(self) -> str:
         return str(self.index)
@@ -147,7 +150,8 @@ def report(study: str | None = None, *, storage: str = DEFAULT_STORAGE, out: str
     return Report(index=index, study=summary["study"], best_trial=summary["best_trial"],
                   validation_accuracy=summary["best_value"],
                   test_accuracy=best["test_accuracy"] if best else None,
-                  checkpoint=checkpoint if best and checkpoint.is_file() else None)
+                  checkpoint=checkpoint if best and checkpoint.is_file() else None,
+                  best_start=summary.get("best_start"))
 
 
 def checkpoint_for(checkpoint: str | os.PathLike | None = None, study: str | None = None,

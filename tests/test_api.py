@@ -68,6 +68,9 @@ def test_docs_page_runs(tmp_path, monkeypatch, capsys, fashion_dir):
     for name in ("best_model.onnx", "best_model.ts", "best_model.pt", "index.html"):
         assert (tmp_path / "results" / "notebook" / name).is_file(), name
     assert 0.3 < names["result"].test_accuracy <= 1 and names["result"].study == "notebook"
+    start = names["result"].best_start  # the default space's starts ran first; tested unless it is the best
+    assert start is not None and start["trial"] in (0, 1)
+    assert ("test_accuracy" in start) == (start["lead"] > 0)
     assert isinstance(names["study"], optuna.Study) and len(names["study"].trials) == 3
     own = names["own"]  # the user's own study: the callback saw all three trials
     assert len(own.trials) == 3 and out.count(" s/epoch)") == 3
