@@ -7,7 +7,8 @@ For each wall-clock budget (seconds of `hpsearch run --timeout`), on the full Fa
 training split unless --subset is given:
   default   `hpsearch run` with the shipped space and settings (starting configurations first)
   random    random search over the same space, without the starting configurations
-  halving, hyperband  (on request) the default study with --pruner halving / hyperband
+  halving, hyperband, margin  (on request) the default study with --pruner halving / hyperband /
+            median-margin
 and once, for reference:
   starts    the space's [[start]] configurations, each trained alone for the full epoch budget
             (the same seeds as in a study, so the same models)
@@ -27,7 +28,8 @@ from pathlib import Path
 
 METHODS = {"default": [], "random": ["--sampler", "random", "--no-start"],
            # the default study with another pruner (--methods default,halving,hyperband)
-           "halving": ["--pruner", "halving"], "hyperband": ["--pruner", "hyperband"]}
+           "halving": ["--pruner", "halving"], "hyperband": ["--pruner", "hyperband"],
+           "margin": ["--pruner", "median-margin"]}
 
 
 def _hpsearch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

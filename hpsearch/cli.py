@@ -103,7 +103,9 @@ def run(
     subset: Optional[int] = typer.Option(None, help="Use N training images (stratified) for quick CPU runs."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     seed: int = typer.Option(0, help="Seed for the split, the sampler and every trial."),
-    pruner: str = typer.Option("median", help="median, halving (asynchronous successive halving), hyperband or none."),
+    pruner: str = typer.Option("median", help="median, median-margin (stops a trial only when it is behind by more "
+                                             "than 2 standard errors of validation noise), halving (asynchronous "
+                                             "successive halving), hyperband or none."),
     sampler: str = typer.Option("auto", help="auto (= tpe), tpe, random or gp (Gaussian process; needs scipy)."),
     population: str = typer.Option("auto", help="Trials trained at once as one batched computation (K or auto: 1 on CPU, 32 on GPU)."),
     val_fraction: float = typer.Option(0.1, help="Share of the training file held out for validation."),

@@ -25,7 +25,7 @@ from .errors import HPSearchError
 DEFAULT_STORAGE = "sqlite:///studies/hpsearch.db"
 DEFAULT_STUDY = "hpsearch"
 DATASET_NAMES = ("mnist", "fashion-mnist", "kmnist", "idx")
-PRUNERS = ("median", "halving", "hyperband", "none")
+PRUNERS = ("median", "median-margin", "halving", "hyperband", "none")  # hpsearch/study/pruners.py
 # auto = tpe: multivariate TPE with the constant liar, so parallel trials do not crowd one point.
 # random: the baseline a search must beat. gp: Optuna's Gaussian-process sampler (needs scipy).
 SAMPLERS = ("auto", "tpe", "random", "gp")

@@ -269,3 +269,28 @@ def test_a_validation_lead_within_two_standard_errors_is_called_possible_luck():
     assert not lead_within_noise({**summary, "best_start": {"lead": 0.03}})
     assert not lead_within_noise({**summary, "best_start": {"lead": 0.0}})  # the best is the start
     assert not lead_within_noise({"validation_standard_error": se, "best_start": None})
+
+
+def test_the_margin_pruner_stops_a_trial_only_beyond_the_validation_noise():
+    from hpsearch.study.pruners import MarginMedianPruner, accuracy_margin, make_pruner
+    from hpsearch.study.schema import StudyAttr, set_study_attr
+
+    assert accuracy_margin(0.86, 1000) == pytest.approx(0.0219, abs=1e-4)
+    assert accuracy_margin(0.86, None) == 0.0
+    assert isinstance(make_pruner("median-margin", 20, starts=2), MarginMedianPruner)
+
+    def verdict(value, step=2, validation=1000):
+        study = optuna.create_study(direction="maximize")
+        if validation:
+            set_study_attr(study._storage, study._study_id, StudyAttr.DATASET_INFO, {"validation": validation})
+        study.add_trial(optuna.trial.create_trial(value=0.9, intermediate_values={1: 0.8, 2: 0.86, 3: 0.87}))
+        trial = study.ask()
+        trial.report(value, step)
+        return MarginMedianPruner(n_startup_trials=1).prune(study, study._storage.get_trial(trial._trial_id))
+
+    # the median of the complete trials at epoch 2 is 0.86; two standard errors on 1,000 images: 0.022
+    assert not verdict(0.85)  # behind by 0.01: within the noise (Optuna's median pruner would stop it)
+    assert verdict(0.83)  # behind by 0.03: beyond it
+    assert not verdict(0.70, step=1)  # never before the 2nd epoch
+    assert verdict(0.85, validation=None)  # no validation size recorded: the plain median
+    assert not verdict(0.85, step=5)  # no complete trial reported epoch 5: nothing to compare with

@@ -34,6 +34,7 @@ from ..errors import HPSearchError
 from ..space import Param, Space
 from ..specs import TrainConfig
 from .liveness import Heartbeat, Liveness, enqueue_retry, liveness_settings, recover_trials
+from .pruners import make_pruner
 from .schema import (FAILED_TRIAL, IDENTITY, METRIC, RUNS, WORKER, StudyAttr, TrialAttr, TrialRecord, foreign_reason,
                      set_study_attr, study_attrs)
 from .storage import StudyLock, error_line, is_storage_error, open_storage, redact
@@ -78,25 +79,6 @@ class BestTrial:
     number: int
     value: float
     params: dict
-
-
-def make_pruner(name: str, epochs: int, starts: int = 0) -> optuna.pruners.BasePruner:
-    """`starts`: how many [[start]] trials the study begins with. They run their whole budget and
-    are the reference, so pruning starts after them; without them, after the first trial (a
-    median needs one finished curve; waiting for five let five random trials run their whole
-    budget, a quarter of a 10-minute study)."""
-    if name == "median":
-        # Never before the 2nd epoch (steps are 1-based epochs; MedianPruner may prune once
-        # step >= n_warmup_steps).
-        return optuna.pruners.MedianPruner(n_startup_trials=starts or 1, n_warmup_steps=2)
-    if name == "halving":
-        # Asynchronous successive halving: rungs at epochs 2, 6, 18; a trial passes a rung only
-        # while it is in the best third of the trials that reached it (so it never waits for
-        # others, and no trial runs its whole budget just because few have been seen).
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=2, reduction_factor=3)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs)
-    return optuna.pruners.NopPruner()
 
 
 def suggest(trial: optuna.Trial, param: Param):
