@@ -19,39 +19,40 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
 from concurrent.futures import ProcessPoolExecutor
 
 SIGNALS = {"val_acc": lambda r: r["val_acc"], "-val_loss": lambda r: -r["val_loss"]}
 
 
-def _test_one(url: str, study: str, number: int) -> dict:
+def _one_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from hpsearch.report.retrain import evaluate, retrain_data
+
+
+def _test_one(url: str, study: str, number: int) -> dict:
+    import torch
+
+    from hpsearch.report.retrain import retrain_data, train_and_test
     from hpsearch.specs import TrainConfig
     from hpsearch.study.view import open_view
-    from hpsearch.train import train_one
 
     view = open_view(url, study)
     trial = next(t for t in view.trials if t.number == number)
     data = retrain_data(view, torch.device("cpu"), None, lambda line: None)
-    start = time.perf_counter()
-    result = train_one(TrainConfig.from_params(trial.attrs["config"]), data)
-    test = evaluate(result.model, data.test_x, data.test_y, data.classes, data.image_shape)
+    result, _, test, seconds = train_and_test(TrainConfig.from_params(trial.config), data)
     final = result.final
-    return {"trial": number, "start": trial.attrs.get("hpsearch:start"), "params": trial.params,
+    return {"trial": number, "start": trial.start, "params": trial.params,
             "study_val_acc": trial.value, "val_acc": final.val_acc, "val_loss": final.val_loss,
-            "train_acc": final.train_acc, "test_acc": test.accuracy,
-            "seconds": round(time.perf_counter() - start, 1)}
+            "train_acc": final.train_acc, "test_acc": test.accuracy, "seconds": round(seconds, 1)}
 
 
 def top_trials(url: str, study: str, top: int) -> list[int]:
     from hpsearch.study.view import open_view
 
     view = open_view(url, study)
-    complete = [t for t in view.trials if t.state == "COMPLETE" and "config" in t.attrs]
+    complete = [t for t in view.trials if t.state == "COMPLETE" and t.config is not None]
     return [t.number for t in sorted(complete, key=lambda t: -t.value)[:top]]
 
 
@@ -79,7 +80,9 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     numbers = top_trials(args.storage, args.study, args.top)
-    with ProcessPoolExecutor(max(1, args.parallel)) as pool:
+    if not numbers:
+        sys.exit(f"error: study {args.study!r} has no complete trial with a recorded configuration")
+    with ProcessPoolExecutor(max(1, args.parallel), initializer=_one_thread) as pool:
         rows = list(pool.map(_test_one, [args.storage] * len(numbers), [args.study] * len(numbers), numbers))
     summary = summarize(rows)
     if args.json:

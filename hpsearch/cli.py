@@ -218,25 +218,12 @@ def report(
 
 
 def _print_start_comparison(summary_json: Path) -> None:
-    """The best start beside the best trial (its test accuracy when the report tested it), and a
-    caveat when the validation lead is small enough to be luck."""
-    from .study import NOISE_STANDARD_ERRORS, lead_within_noise
+    """The best start beside the best trial, with a caveat when the validation lead may be luck."""
+    from .study import start_comparison
 
-    summary = json.loads(summary_json.read_text()) if summary_json.is_file() else {}
-    start = summary.get("best_start")
-    if not start or start["lead"] <= 0:
-        return
-    line = f"best start: trial {start['trial']}, validation {start['value']:.4f}"
-    if "test_accuracy" in start:
-        line += f", test {start['test_accuracy']:.4f}"
-    line += f"; the search gained {start['lead']:+.4f} on validation"
-    if "test_lead" in start:
-        line += f", {start['test_lead']:+.4f} on test"
-    if lead_within_noise(summary):
-        images = (summary.get("dataset_info") or {}).get("validation", "?")
-        line += (f" (the validation lead is within {NOISE_STANDARD_ERRORS} standard errors on {images} images, "
-                 f"{NOISE_STANDARD_ERRORS} x {summary['validation_standard_error']:.4f}: it may be luck)")
-    console.print(line, soft_wrap=True, markup=False)
+    line = start_comparison(json.loads(summary_json.read_text())) if summary_json.is_file() else None
+    if line:
+        console.print(line, soft_wrap=True, markup=False)
 
 
 @app.command()

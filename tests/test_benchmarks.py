@@ -4,6 +4,7 @@ loop and the study session, so a refactor can break them without any other test 
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -44,12 +45,21 @@ def test_selection_benchmark_retrains_the_top_trials_as_they_were(tmp_path, monk
     run_study(RunSettings(trials=4, study="s", storage=url, dataset="idx", data_dir=str(data), epochs=2,
                           device="cpu", pruner="none", start=False, sampler="random"))
     numbers = selection.top_trials(url, "s", top=3)
+    values = {t.number: t.value for t in optuna.load_study(study_name="s", storage=url).trials}
+    assert len(numbers) == 3 and [values[n] for n in numbers] == sorted(values.values(), reverse=True)[:3]
     rows = [selection._test_one(url, "s", n) for n in numbers]
-    assert len(rows) == 3 and [r["trial"] for r in rows] == numbers
-    assert [r["val_acc"] for r in rows] == [r["study_val_acc"] for r in rows]
-    assert rows[0]["val_acc"] == max(r["val_acc"] for r in rows)
+    assert [r["trial"] for r in rows] == numbers
+    assert [r["val_acc"] for r in rows] == [values[n] for n in numbers]  # the trials' own models
+    assert all(0 <= r["test_acc"] <= 1 for r in rows)
+
+
+def test_selection_summary_ranks_each_signal_against_test(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import selection
+
+    rows = [{"trial": 1, "val_acc": 0.91, "val_loss": 0.35, "test_acc": 0.900},
+            {"trial": 2, "val_acc": 0.90, "val_loss": 0.33, "test_acc": 0.907},
+            {"trial": 3, "val_acc": 0.89, "val_loss": 0.34, "test_acc": 0.903}]
     summary = selection.summarize(rows)
-    assert summary["val_acc"]["picks"] == numbers[0]
-    lowest_loss = min(rows, key=lambda r: r["val_loss"])
-    assert summary["-val_loss"]["picks"] == lowest_loss["trial"]
-    assert summary["-val_loss"]["pick_test_acc"] == lowest_loss["test_acc"]
+    assert summary["val_acc"] == {"spearman_with_test": -0.5, "picks": 1, "pick_test_acc": 0.900}
+    assert summary["-val_loss"] == {"spearman_with_test": 1.0, "picks": 2, "pick_test_acc": 0.907}

@@ -279,18 +279,44 @@ def test_the_margin_pruner_stops_a_trial_only_beyond_the_validation_noise():
     assert accuracy_margin(0.86, None) == 0.0
     assert isinstance(make_pruner("median-margin", 20, starts=2), MarginMedianPruner)
 
-    def verdict(value, step=2, validation=1000):
+    def verdict(values, validation=1000, pruner=None, complete=({1: 0.8, 2: 0.86, 3: 0.87},)):
         study = optuna.create_study(direction="maximize")
         if validation:
             set_study_attr(study._storage, study._study_id, StudyAttr.DATASET_INFO, {"validation": validation})
-        study.add_trial(optuna.trial.create_trial(value=0.9, intermediate_values={1: 0.8, 2: 0.86, 3: 0.87}))
+        for curve in complete:
+            study.add_trial(optuna.trial.create_trial(value=0.9, intermediate_values=curve))
         trial = study.ask()
-        trial.report(value, step)
-        return MarginMedianPruner(n_startup_trials=1).prune(study, study._storage.get_trial(trial._trial_id))
+        for step, value in values.items():
+            trial.report(value, step)
+        pruner = pruner or MarginMedianPruner(n_startup_trials=1)
+        return pruner.prune(study, study._storage.get_trial(trial._trial_id))
 
     # the median of the complete trials at epoch 2 is 0.86; two standard errors on 1,000 images: 0.022
-    assert not verdict(0.85)  # behind by 0.01: within the noise (Optuna's median pruner would stop it)
-    assert verdict(0.83)  # behind by 0.03: beyond it
-    assert not verdict(0.70, step=1)  # never before the 2nd epoch
-    assert verdict(0.85, validation=None)  # no validation size recorded: the plain median
-    assert not verdict(0.85, step=5)  # no complete trial reported epoch 5: nothing to compare with
+    assert not verdict({2: 0.85})  # behind by 0.01: within the noise ...
+    assert verdict({2: 0.85}, pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=2))  # ... Optuna's stops it
+    assert verdict({2: 0.83})  # behind by 0.03: beyond it
+    assert not verdict({1: 0.87, 2: 0.83})  # its best so far (0.87) counts, as in Optuna's
+    assert not verdict({1: 0.70})  # never before the 2nd epoch
+    assert verdict({2: 0.85}, validation=None)  # no validation size recorded: the plain median
+    assert not verdict({5: 0.85})  # no complete trial reported epoch 5: nothing to compare with
+    assert not verdict({2: 0.83}, pruner=MarginMedianPruner(n_startup_trials=2))  # one complete trial of 2 needed
+    assert verdict({2: float("nan")})  # nothing but NaN: pruned, as Optuna's
+    assert verdict({2: 0.83}, complete=({2: 0.86}, {2: float("nan")}))  # a complete trial's NaN is ignored
+
+
+def test_the_start_comparison_says_what_was_tested_and_when_a_lead_may_be_luck():
+    from hpsearch.study import start_comparison
+
+    summary = {"best_start": {"trial": 0, "start": 1, "value": 0.854, "lead": 0.011},
+               "validation_standard_error": 0.0108, "dataset_info": {"validation": 1000}}
+    text = start_comparison(summary)  # --no-retrain: validation only
+    assert "validation 0.8540; the search gained +0.0110 on validation (" in text
+    assert "it may be luck; retrain to test both)" in text
+    summary["best_start"].update(test_accuracy=0.85, test_lead=0.0015)
+    text = start_comparison(summary)
+    assert "test 0.8500; the search gained +0.0110 on validation, +0.0015 on test (" in text
+    assert text.endswith("it may be luck)")
+    summary["best_start"]["lead"] = 0.03  # beyond 2 x 0.0108
+    assert "luck" not in start_comparison(summary)
+    summary["best_start"]["lead"] = 0.0  # the best trial is the start
+    assert start_comparison(summary) is None

@@ -192,7 +192,7 @@ def write_report(study: str | None = None, storage: str = DEFAULT_STORAGE, out: 
     if retrain is not False:
         retrained = _best_model(view, out_dir, retrain, device, data_dir, artifact, log)
         charts += retrained.charts
-        _add_start_test(summary, retrained, tested_best_start(view, retrained, log))
+        _add_start_test(summary, retrained, tested_best_start(view, retrained, device, data_dir, log))
         files += _write_best(out_dir, retrained)
     files += _write_charts(out_dir, charts)
     text = json.dumps(summary, indent=2, default=str) + "\n"

@@ -9,7 +9,7 @@ import json
 from datetime import datetime
 
 from .. import __version__
-from ..study import NOISE_STANDARD_ERRORS, lead_within_noise
+from ..study import start_comparison
 from .figures import Chart
 
 PLOTLY_JS = "plotly.min.js"  # the report folder's one copy of plotly.js: index.html and charts/ load it
@@ -78,19 +78,9 @@ def _start_text(s: dict) -> str:
     start = s.get("best_start")
     if start is None:
         return "none completed (the study ran no [[start]] configuration, or none finished its budget)"
-    tested = "test_accuracy" in start
-    head = (f"validation {start['value']:.4f}" + (f", test {start['test_accuracy']:.4f}" if tested else "")
-            + f" (trial {start['trial']}, [[start]] {start['start']})")
     if start["lead"] <= 0:
-        return f"{head}: the best so far"
-    text = f"{head}; the search found {start['lead']:+.4f} over it on validation"
-    if tested:
-        text += f", {start['test_lead']:+.4f} on test"
-    if lead_within_noise(s):
-        text += (f"; the validation lead is within {NOISE_STANDARD_ERRORS} standard errors of a validation "
-                 f"accuracy on this split ({NOISE_STANDARD_ERRORS} x {s['validation_standard_error']:.4f}) and may "
-                 f"be luck" + ("" if tested else ": the test accuracy says"))
-    return text
+        return f"validation {start['value']:.4f} (trial {start['trial']}, [[start]] {start['start']}): the best so far"
+    return start_comparison(s).removeprefix("best start: ")
 
 
 def _head(s: dict, charts: list[Chart]) -> list[str]:

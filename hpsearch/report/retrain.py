@@ -175,17 +175,23 @@ def _train(view: StudyView, device: str, data_dir: str | None, log: Log) -> _Run
     data = retrain_data(view, dev, data_dir, log)
     log(f"retraining trial {view.best.number} ({describe_shape(config.to_dict())}, "
         f"{config.optimizer}) for {config.epochs} epochs on {len(data.train_y)} training images ({dev})")
-    start = time.perf_counter()
-    result = train_one(config, data)
-    seconds = time.perf_counter() - start
-    # Evaluated on the CPU in float32 whatever the training device: exactly what `load_model` gives.
-    model = result.model.cpu().float().eval()
-    ev = evaluate(model, data.test_x.cpu(), data.test_y.cpu(), data.classes, data.image_shape)
+    result, model, ev, seconds = train_and_test(config, data)
     note = ("trained from scratch on the study's training split (validation held out, as in the study), "
             f"for the trial's budget of {config.epochs} epochs; evaluated once on the test split")
     if result.stopped:
         note += f"; training stopped early: {result.stopped}"
     return _Run(view, config, data, dev, result, model, ev, seconds, note)
+
+
+def train_and_test(config: TrainConfig, data: Dataset) -> tuple[TrainResult, torch.nn.Module, Evaluation, float]:
+    """Train `config` on `data`'s training split and test it once: (result, model, evaluation,
+    seconds). The model is evaluated on the CPU in float32 whatever the training device: exactly
+    what `load_model` gives."""
+    start = time.perf_counter()
+    result = train_one(config, data)
+    seconds = time.perf_counter() - start
+    model = result.model.cpu().float().eval()
+    return result, model, evaluate(model, data.test_x.cpu(), data.test_y.cpu(), data.classes, data.image_shape), seconds
 
 
 def _checkpoint_meta(run: _Run) -> dict:
@@ -315,30 +321,36 @@ def reuse_best(view: StudyView, out: Path, data_dir: str | None, log: Log, artif
     return Retrained(config, data, history, ev, saved["retrain_seconds"], ckpt, saved, charts)
 
 
-def tested_best_start(view: StudyView, retrained: Retrained, log: Log) -> dict | None:
-    """The best [[start]] trial retrained (its own seed: the trial's model) and tested once, so the
-    report can show what the search gained on the test split, not only on validation (where the
-    best of many trials' noisy numbers flatters it). None when the best trial is itself a start or
-    there is no complete start with a recorded configuration. Reused from best.json when it holds
-    the same start."""
+def tested_best_start(view: StudyView, retrained: Retrained, device: str, data_dir: str | None,
+                      log: Log) -> dict | None:
+    """The best [[start]] trial retrained (its own seed: the trial's model) on the report's device
+    and tested once, so the report can show what the search gained on the test split, not only
+    on validation (where the best of many trials' noisy numbers flatters it). None when a start
+    is the best trial or the best start has no recorded configuration. Reused from best.json when
+    it holds the same start."""
     start = best_start_trial(view.trials)
-    if start is None or start.number == view.best.number or not isinstance(start.attrs.get("config"), dict):
+    if start is None or start.value >= view.best.value:
+        return None
+    if start.config is None:
+        log(f"not testing the best start (trial {start.number}): the study does not record its configuration")
         return None
     saved = retrained.best_json.get("best_start")
-    if (isinstance(saved, dict) and saved.get("trial") == start.number and saved.get("config") == start.attrs["config"]
+    if (isinstance(saved, dict) and saved.get("trial") == start.number and saved.get("config") == start.config
             and isinstance(saved.get("test_accuracy"), float)):
         return saved
     try:
-        config = TrainConfig.from_params(start.attrs["config"])
+        config = TrainConfig.from_params(start.config)
     except (TypeError, ValueError) as exc:
         log(f"not testing the best start (trial {start.number}): its configuration {first_line(exc)}")
         return None
-    data = retrained.data
-    log(f"testing the best start beside it: retraining trial {start.number} for {config.epochs} epochs")
-    began = time.perf_counter()
-    result = train_one(config, data)
-    model = result.model.cpu().float().eval()
-    ev = evaluate(model, data.test_x.cpu(), data.test_y.cpu(), data.classes, data.image_shape)
-    return {"trial": start.number, "start": start.start, "config": start.attrs["config"],
+    with as_user_error():
+        dev = resolve_device(device)
+    data = retrained.data if retrained.data.train_x.device == dev else retrain_data(view, dev, data_dir, log)
+    log(f"testing the best start beside it: retraining trial {start.number} for {config.epochs} epochs ({dev})")
+    result, _, ev, seconds = train_and_test(config, data)
+    if abs(result.final.val_acc - start.value) >= 1e-6:
+        log(f"note: the retrained start's validation accuracy {result.final.val_acc:.4f} differs from the trial's "
+            f"{start.value:.4f} (another device, a population, or other code)")
+    return {"trial": start.number, "start": start.start, "config": start.config, "device": str(dev),
             "study_validation_accuracy": start.value, "validation_accuracy": result.final.val_acc,
-            "test_accuracy": ev.accuracy, "retrain_seconds": time.perf_counter() - began}
+            "test_accuracy": ev.accuracy, "retrain_seconds": seconds, "stopped": result.stopped}

@@ -22,7 +22,7 @@ from .objective import Objective
 from .session import AskedTrial, BestTrial, StudyCounts, StudySession, TrialTaken, make_pruner, open_study, read_outcome
 from .view import (ARTIFACT_PREFIX, CHECKPOINT_NAME, NOISE_STANDARD_ERRORS, StudyView, best_complete_trial,
                    best_start_trial, dashboard_app, find_study_checkpoint, lead_within_noise, list_studies,
-                   open_view, resolve_study, store_artifact, study_summary, trials_frame)
+                   open_view, resolve_study, start_comparison, store_artifact, study_summary, trials_frame)
 from .storage import (StudyLock, artifact_dir, error_line, is_storage_error, open_existing_storage, open_storage,
                       redact, storage_file)
 
@@ -33,7 +33,7 @@ __all__ = [
     "read_outcome", "recover_trials", "redact", "stale_trials", "storage_file",
     "ARTIFACT_PREFIX", "CHECKPOINT_NAME", "NOISE_STANDARD_ERRORS", "StudyView", "best_complete_trial",
     "best_start_trial", "dashboard_app", "find_study_checkpoint", "lead_within_noise", "list_studies", "open_view",
-    "resolve_study", "store_artifact", "study_summary", "trials_frame",
+    "resolve_study", "start_comparison", "store_artifact", "study_summary", "trials_frame",
 ]
 
 if _cli_debug() is not None:  # under the CLI: Optuna quiet unless --debug (the CLI set the flag first)

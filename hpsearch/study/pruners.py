@@ -23,8 +23,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .schema import StudyAttr, study_attrs
-
-MARGIN_STANDARD_ERRORS = 2.0
+from .view import NOISE_STANDARD_ERRORS, standard_error
 
 
 def make_pruner(name: str, epochs: int, starts: int = 0) -> optuna.pruners.BasePruner:
@@ -48,11 +47,9 @@ def make_pruner(name: str, epochs: int, starts: int = 0) -> optuna.pruners.BaseP
     return optuna.pruners.NopPruner()
 
 
-def accuracy_margin(accuracy: float, images: int | None, standard_errors: float = MARGIN_STANDARD_ERRORS) -> float:
+def accuracy_margin(accuracy: float, images: int | None, standard_errors: float = NOISE_STANDARD_ERRORS) -> float:
     """`standard_errors` standard errors of an accuracy measured on `images` images (0 if unknown)."""
-    if not images or not 0.0 <= accuracy <= 1.0:
-        return 0.0
-    return standard_errors * math.sqrt(accuracy * (1.0 - accuracy) / images)
+    return standard_errors * (standard_error(accuracy, images) or 0.0)
 
 
 class MarginMedianPruner(optuna.pruners.BasePruner):
@@ -61,7 +58,7 @@ class MarginMedianPruner(optuna.pruners.BasePruner):
     split, read from its dataset_info attribute; no margin for a study without one)."""
 
     def __init__(self, n_startup_trials: int = 1, n_warmup_steps: int = 2,
-                 standard_errors: float = MARGIN_STANDARD_ERRORS) -> None:
+                 standard_errors: float = NOISE_STANDARD_ERRORS) -> None:
         self.n_startup_trials, self.n_warmup_steps = n_startup_trials, n_warmup_steps
         self.standard_errors = standard_errors
         self._images: dict[int, int | None] = {}  # study id -> validation images
@@ -76,6 +73,8 @@ class MarginMedianPruner(optuna.pruners.BasePruner):
         return self._images[study._study_id]
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        # As Optuna's MedianPruner: a trial without a number is pruned, NaN values of complete
+        # trials are ignored; hpsearch studies maximize accuracy.
         step = trial.last_step
         if step is None or step < self.n_warmup_steps:
             return False
@@ -83,8 +82,12 @@ class MarginMedianPruner(optuna.pruners.BasePruner):
         if len(complete) < self.n_startup_trials:
             return False
         at_step = [t.intermediate_values[step] for t in complete if step in t.intermediate_values]
+        at_step = [v for v in at_step if not math.isnan(v)]
         if not at_step:
             return False
+        reported = [v for v in trial.intermediate_values.values() if not math.isnan(v)]
+        if not reported:
+            return True
+        best_so_far = max(reported)
         median = float(np.median(at_step))
-        best_so_far = max(v for s, v in trial.intermediate_values.items() if s <= step and math.isfinite(v))
         return best_so_far < median - accuracy_margin(median, self._validation_images(study), self.standard_errors)

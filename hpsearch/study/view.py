@@ -195,10 +195,15 @@ def study_summary(view: StudyView) -> dict:
         "trial_seconds_total": sum(durations),
         "wall_seconds": (max(ends) - min(starts)).total_seconds() if starts and ends else None,
         "devices": sorted({str(t.attrs[TrialAttr.DEVICE]) for t in trials if TrialAttr.DEVICE in t.attrs}),
-        "validation_standard_error": standard_error(best.value,
-                                                    (attrs.get(StudyAttr.DATASET_INFO) or {}).get("validation")),
+        "validation_standard_error": standard_error(best.value, _validation_images(attrs)),
         "best_start": _best_start(trials, best),
     }
+
+
+def _validation_images(attrs: dict) -> int | None:
+    info = attrs.get(StudyAttr.DATASET_INFO)
+    images = info.get("validation") if isinstance(info, dict) else None
+    return images if isinstance(images, int) else None
 
 
 def standard_error(accuracy: float | None, images: int | None) -> float | None:
@@ -236,6 +241,26 @@ def lead_within_noise(summary: dict) -> bool:
     standard errors: then the pick may be luck, and the retrained model's test accuracy says."""
     start, se = summary.get("best_start"), summary.get("validation_standard_error")
     return bool(start and se and 0 < start["lead"] <= NOISE_STANDARD_ERRORS * se)
+
+
+def start_comparison(summary: dict) -> str | None:
+    """The best start against the best trial in words (summary.json's `best_start`, with its test
+    accuracy when the report tested it), and a caveat when the validation lead may be luck; None
+    when the best trial is a start or there is none."""
+    start = summary.get("best_start")
+    if not start or start["lead"] <= 0:
+        return None
+    tested = "test_accuracy" in start
+    text = (f"best start: trial {start['trial']} ([[start]] {start['start']}), validation {start['value']:.4f}"
+            + (f", test {start['test_accuracy']:.4f}" if tested else "")
+            + f"; the search gained {start['lead']:+.4f} on validation"
+            + (f", {start['test_lead']:+.4f} on test" if tested else ""))
+    if lead_within_noise(summary):
+        images = (summary.get("dataset_info") or {}).get("validation", "?")
+        text += (f" (the validation lead is within {NOISE_STANDARD_ERRORS} standard errors on {images} images, "
+                 f"{NOISE_STANDARD_ERRORS} x {summary['validation_standard_error']:.4f}: it may be luck"
+                 + ("" if tested else "; retrain to test both") + ")")
+    return text
 
 
 def _cell(value):
