@@ -11,7 +11,9 @@ the starts and a trial that would finish level with them.
 
 `median-margin` stops a trial only when it is behind that median by more than two standard
 errors of an accuracy on the study's validation split (0.9 points at 0.86 on 6,000 images,
-2.2 points on 1,000): behind beyond noise, not behind by luck.
+2.2 points on 1,000): behind beyond noise, not behind by luck. It reads the split's size from
+the study's dataset_info attribute, which `hpsearch run` writes; in a study of the user's own
+(`hpsearch.Objective`) it has none and prunes as the plain median.
 """
 
 from __future__ import annotations
