@@ -323,3 +323,31 @@ def test_collapsed_accuracy_ends_the_trial(setup, tmp_path, monkeypatch):
     assert first.state == TrialState.PRUNED and first.user_attrs["epochs_run"] == 4
     assert first.user_attrs["stop_reason"].startswith("accuracy collapsed to 0.100 at epoch 4")
     assert second.state == TrialState.COMPLETE and second.user_attrs["stop_reason"] == "completed"
+
+
+def test_a_storage_created_by_two_processes_at_once_is_opened_again_not_refused(monkeypatch):
+    """Workers creating one new SQLite file race to insert Optuna's schema version row; the loser
+    (a fresh-clone CI run saw it) must try again, while any other error is raised at once."""
+    import sqlite3
+
+    from hpsearch.study import storage
+
+    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    calls = []
+
+    def racing():
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlite3.IntegrityError("UNIQUE constraint failed: alembic_version.version_num")
+        return "storage"
+
+    assert storage._retry_racing_init(racing) == "storage" and len(calls) == 2
+
+    def broken():
+        calls.append(1)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    calls.clear()
+    with pytest.raises(sqlite3.OperationalError):
+        storage._retry_racing_init(broken)
+    assert len(calls) == 1

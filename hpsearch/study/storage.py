@@ -150,6 +150,15 @@ class StudyLock:
             os.close(fd)  # releases the flock
 
 
+_INIT_RACE_SIGNS = ("already exists", "duplicate", "locked", "unique constraint failed")
+
+
+def _lost_init_race(exc: Exception) -> bool:
+    """Whether creating a storage failed because another process was creating it at the same time."""
+    text = str(exc).lower()
+    return any(sign in text for sign in _INIT_RACE_SIGNS)
+
+
 def _retry_racing_init(make: Callable[[], T]) -> T:
     """`make()`, tried again when it lost a race with another process opening the same storage.
 
@@ -157,16 +166,17 @@ def _retry_racing_init(make: Callable[[], T]) -> T:
     tables ("already exists"). On SQLite the creation runs under the StudyLock, but workers that
     are already training write without it, and SQLite answers a read transaction that must become
     a write one with an immediate "database is locked" (its busy timeout does not apply there):
-    the 4-worker test (tests/test_reliability.py) failed that way in a fresh-clone CI run. The
-    loser waits and tries again.
+    the 4-worker test (tests/test_reliability.py) failed that way in a fresh-clone CI run. Two
+    processes creating a new SQLite file can also both insert Optuna's schema version row
+    ("UNIQUE constraint failed: alembic_version.version_num": the same test, another CI run).
+    The loser waits and tries again; by then the tables and the row are there.
     """
     attempts = 6
     for attempt in range(attempts):
         try:
             return make()
         except Exception as exc:  # noqa: BLE001
-            text = str(exc).lower()
-            if attempt == attempts - 1 or not ("already exists" in text or "duplicate" in text or "locked" in text):
+            if attempt == attempts - 1 or not _lost_init_race(exc):
                 raise
             time.sleep(0.25 * 2**attempt)  # 0.25 s ... 4 s: ~8 s in all
     raise AssertionError("unreachable")
