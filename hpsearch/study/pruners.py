@@ -24,8 +24,8 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .schema import StudyAttr, study_attrs
-from .view import NOISE_STANDARD_ERRORS, standard_error
+from .schema import study_attrs
+from .view import NOISE_STANDARD_ERRORS, standard_error, validation_images
 
 
 def make_pruner(name: str, epochs: int, starts: int = 0) -> optuna.pruners.BasePruner:
@@ -67,11 +67,10 @@ class MarginMedianPruner(optuna.pruners.BasePruner):
 
     def _validation_images(self, study: optuna.Study) -> int | None:
         if study._study_id not in self._images:
-            info = study_attrs(study._storage, study._study_id).get(StudyAttr.DATASET_INFO) or {}
-            images = info.get("validation") if isinstance(info, dict) else None
+            images = validation_images(study_attrs(study._storage, study._study_id))
             if images is None:  # not written yet (the first trial's data is still loading): ask again later
                 return None
-            self._images[study._study_id] = int(images)
+            self._images[study._study_id] = images
         return self._images[study._study_id]
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
@@ -83,8 +82,8 @@ class MarginMedianPruner(optuna.pruners.BasePruner):
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if len(complete) < self.n_startup_trials:
             return False
-        at_step = [t.intermediate_values[step] for t in complete if step in t.intermediate_values]
-        at_step = [v for v in at_step if not math.isnan(v)]
+        at_step = [t.intermediate_values[step] for t in complete
+                   if step in t.intermediate_values and not math.isnan(t.intermediate_values[step])]
         if not at_step:
             return False
         reported = [v for v in trial.intermediate_values.values() if not math.isnan(v)]

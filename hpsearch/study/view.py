@@ -195,12 +195,13 @@ def study_summary(view: StudyView) -> dict:
         "trial_seconds_total": sum(durations),
         "wall_seconds": (max(ends) - min(starts)).total_seconds() if starts and ends else None,
         "devices": sorted({str(t.attrs[TrialAttr.DEVICE]) for t in trials if TrialAttr.DEVICE in t.attrs}),
-        "validation_standard_error": standard_error(best.value, _validation_images(attrs)),
+        "validation_standard_error": standard_error(best.value, validation_images(attrs)),
         "best_start": _best_start(trials, best),
     }
 
 
-def _validation_images(attrs: dict) -> int | None:
+def validation_images(attrs: dict) -> int | None:
+    """The size of a study's validation split, from its dataset_info attribute (None if unknown)."""
     info = attrs.get(StudyAttr.DATASET_INFO)
     images = info.get("validation") if isinstance(info, dict) else None
     return images if isinstance(images, int) else None
