@@ -412,7 +412,10 @@ class StudySession:
         self._beats.add(trial._trial_id)
         self.study._storage.set_trial_system_attr(trial._trial_id, WORKER, self._worker)
         s = self.settings
-        config = _config_for(trial, self.space, s.epochs, s.seed)
+        # Sampled whole before a Ctrl-C lands: a SIGTERM mid-sampling left a failed trial with part of
+        # its parameters, and its retry sampled the rest anew (a fresh-clone CI run, on a fast host).
+        with _signals_deferred():
+            config = _config_for(trial, self.space, s.epochs, s.seed)
         return AskedTrial(trial.number, config, dict(trial.params), trial.user_attrs.get(TrialAttr.RETRY_OF))
 
     def _keep(self, trial: optuna.Trial) -> None:
