@@ -62,3 +62,30 @@ def test_the_dashboard_warns_when_it_listens_beyond_this_machine(tmp_path, host,
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert ("exposes the study and its checkpoints to the network" in err) == warned, err
+
+
+def test_a_library_logging_our_interrupt_prints_no_traceback():
+    """SIGTERM raised inside SQLAlchemy's cleanup of a collected connection made it log
+    "Exception during reset or similar" with a traceback (fresh-clone CI); the CLI drops such
+    records, and only such records."""
+    script = """
+import logging, signal, sys
+from hpsearch import cli
+from hpsearch.errors import Interrupted
+signal.signal(signal.SIGTERM, lambda *a: None)
+sys.argv = ["hpsearch", "--version"]
+cli._quiet_interrupt_tracebacks()
+log = logging.getLogger("sqlalchemy.pool.impl.QueuePool")
+try:
+    raise Interrupted(signal.SIGTERM)
+except Interrupted:
+    log.error("Exception during reset or similar", exc_info=True)
+try:
+    raise RuntimeError("disk on fire")
+except RuntimeError:
+    log.error("a real failure", exc_info=True)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "Exception during reset" not in done.stderr and "Interrupted" not in done.stderr, done.stderr
+    assert "a real failure" in done.stderr and "disk on fire" in done.stderr
