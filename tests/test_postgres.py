@@ -58,10 +58,10 @@ def pg_db(postgres_url):
     admin.dispose()
 
 
-def run_args(setup, storage, study, trials, *extra):
+def run_args(setup, storage, study, trials, *extra, epochs=EPOCHS):
     data, space = setup
     return [sys.executable, "-m", "hpsearch", "run", "--dataset", "idx", "--data-dir", str(data), "--space", str(space),
-            "--epochs", str(EPOCHS), "--trials", str(trials), "--storage", storage, "--study", study,
+            "--epochs", str(epochs), "--trials", str(trials), "--storage", storage, "--study", study,
             "--device", "cpu", "--pruner", "none", *extra]
 
 
@@ -79,7 +79,7 @@ def finish(procs, timeout=180):
                 p.kill()
 
 
-def wait_for_running_trial(storage_url, study, workers=1, deadline_s=90):
+def wait_for_running_trial(storage_url, study, workers=1, deadline_s=90, epochs=EPOCHS):
     """A RUNNING trial with at least one epoch reported and four still to go (so a signal or a
     server stop sent now lands mid-trial), once `workers` processes have asked trials (so all are
     past opening the study). One storage object, polled: not an engine per look."""
@@ -97,7 +97,7 @@ def wait_for_running_trial(storage_url, study, workers=1, deadline_s=90):
         if len({t.system_attrs.get("hpsearch:worker") for t in trials} - {None}) < workers:
             continue
         for t in trials:
-            if (t.state == TrialState.RUNNING and 1 <= len(t.intermediate_values) <= EPOCHS - 4
+            if (t.state == TrialState.RUNNING and 1 <= len(t.intermediate_values) <= epochs - 4
                     and "hpsearch:worker" in t.system_attrs):
                 storage.engine.dispose()
                 return t
@@ -170,11 +170,13 @@ def test_server_restart_mid_run_then_rerun(setup, pg_db, postgres_url, tmp_path)
         pytest.fail("HPSEARCH_TEST_POSTGRES_DIR is not set: this test restarts the server, so it needs one "
                     "started by scripts/postgres.sh (which sets both variables)")
     ctl = ["bash", str(ROOT / "scripts" / "postgres.sh")]
-    n = 8
-    args = run_args(setup, pg_db, "restart", n)
+    # 24 epochs (~3 s a trial): with 8 the first worker, started seconds before the third, could
+    # finish the study before all three had asked a trial (CI: "no trial got running in time")
+    n, epochs = 8, 24
+    args = run_args(setup, pg_db, "restart", n, epochs=epochs)
     workers = [start(args, tmp_path) for _ in range(3)]
     try:
-        wait_for_running_trial(pg_db, "restart", workers=3)
+        wait_for_running_trial(pg_db, "restart", workers=3, epochs=epochs)
         subprocess.run([*ctl, "pause", server], check=True, timeout=60)
         try:
             time.sleep(2)
