@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -76,7 +77,6 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 
 def _watch_parent(parent_pid: int) -> None:
     """In a `--workers` child: stop cleanly (as on SIGTERM) if the parent process disappears."""
-    import signal
     import threading
     import time
 
@@ -357,11 +357,31 @@ class _InterruptTracebacks(logging.Filter):
         return _DEBUG["on"] or not isinstance(exc, (Interrupted, KeyboardInterrupt))
 
 
-def _quiet_interrupt_tracebacks() -> None:
+def _resend_swallowed_interrupts(unraisable) -> None:
+    """sys.unraisablehook: an interrupt raised in a finalizer (__del__, a weakref callback, as
+    SQLAlchemy's connection cleanup is) cannot propagate, and Python would print "Exception
+    ignored" and carry on as if never interrupted: send the signal again instead."""
+    exc = unraisable.exc_value
+    if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+        import threading
+        import time
+
+        def resend(signum: int) -> None:
+            time.sleep(0.05)  # after this hook returns: here the handler's raise would be swallowed again
+            os.kill(os.getpid(), signum)
+
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        threading.Thread(target=resend, args=(signum,), name="hpsearch-resend", daemon=True).start()
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
+def _guard_interrupts_in_libraries() -> None:
     # lastResort prints libraries' warnings when nobody configured logging, as in the CLI
     if logging.lastResort is not None and not any(isinstance(f, _InterruptTracebacks)
                                                   for f in logging.lastResort.filters):
         logging.lastResort.addFilter(_InterruptTracebacks())
+    sys.unraisablehook = _resend_swallowed_interrupts
 
 
 def _usage_error_line(exc) -> None:
@@ -375,13 +395,11 @@ def main() -> None:
     """Exit codes: 0 done, 2 bad input or environment (HPSearchError), 1 an I/O failure or an
     unexpected error, 130/143 interrupted by SIGINT/SIGTERM. Always one line on stderr, never a
     traceback unless --debug."""
-    import signal
-
     # SIGINT and SIGTERM raise Interrupted (a BaseException that click does not turn into
     # "Aborted!"): `run` marks its running trials failed and queued again, then we exit 128+signal.
     signal.signal(signal.SIGINT, _raise_interrupted)
     signal.signal(signal.SIGTERM, _raise_interrupted)
-    _quiet_interrupt_tracebacks()
+    _guard_interrupts_in_libraries()
     try:
         from typer import rich_utils
 

@@ -64,17 +64,20 @@ def test_the_dashboard_warns_when_it_listens_beyond_this_machine(tmp_path, host,
     assert ("exposes the study and its checkpoints to the network" in err) == warned, err
 
 
-def test_a_library_logging_our_interrupt_prints_no_traceback():
+def test_an_interrupt_inside_a_library_is_quiet_and_not_lost():
     """SIGTERM raised inside SQLAlchemy's cleanup of a collected connection made it log
     "Exception during reset or similar" with a traceback (fresh-clone CI); the CLI drops such
-    records, and only such records."""
+    records, and only such records. Raised in a finalizer, the interrupt would be swallowed
+    ("Exception ignored in"): the CLI sends the signal again."""
     script = """
 import logging, signal, sys
 from hpsearch import cli
 from hpsearch.errors import Interrupted
-signal.signal(signal.SIGTERM, lambda *a: None)
 sys.argv = ["hpsearch", "--version"]
-cli._quiet_interrupt_tracebacks()
+try:
+    cli.main()  # installs the handlers and the guards, as every command does
+except SystemExit:
+    pass
 log = logging.getLogger("sqlalchemy.pool.impl.QueuePool")
 try:
     raise Interrupted(signal.SIGTERM)
@@ -84,8 +87,23 @@ try:
     raise RuntimeError("disk on fire")
 except RuntimeError:
     log.error("a real failure", exc_info=True)
+
+class Finalized:
+    def __del__(self):
+        raise Interrupted(signal.SIGTERM)
+
+try:
+    Finalized()  # dropped at once: its finalizer's exception cannot propagate
+    import time
+    for _ in range(100):  # up to 1 s for the signal to come back
+        time.sleep(0.01)
+    print("interrupt lost")
+except Interrupted:
+    print("interrupted after the finalizer")
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "Exception during reset" not in done.stderr and "Interrupted" not in done.stderr, done.stderr
+    assert "Exception ignored" not in done.stderr, done.stderr
     assert "a real failure" in done.stderr and "disk on fire" in done.stderr
+    assert "interrupted after the finalizer" in done.stdout, done.stdout

@@ -383,3 +383,39 @@ def test_a_signal_during_trial_creation_waits_for_its_end_whichever_thread_takes
         assert signal.getsignal(signal.SIGTERM) is interrupt  # the handler is back
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_handlers_are_all_restored_when_a_signal_lands_while_restoring(monkeypatch):
+    """`signal.signal` first runs handlers of signals that came in: restoring SIGTERM's may run
+    SIGINT's just-restored one, which raises. Every handler must still be back afterwards."""
+    from hpsearch.errors import Interrupted
+    from hpsearch.study import session
+
+    def on_int(signum, frame):
+        raise Interrupted(signum)
+
+    def on_term(signum, frame):
+        raise Interrupted(signum)
+
+    real = signal.signal
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    real(signal.SIGINT, on_int)
+    real(signal.SIGTERM, on_term)
+    landed = []
+
+    def signal_with_a_sigint_landing(signum, handler):
+        if signum == signal.SIGTERM and handler is on_term and not landed:
+            landed.append(True)
+            on_int(signal.SIGINT, None)  # what CPython does with a SIGINT that came in just now
+        return real(signum, handler)
+
+    try:
+        with pytest.raises(Interrupted):
+            with session._signals_deferred():
+                monkeypatch.setattr(signal, "signal", signal_with_a_sigint_landing)
+        monkeypatch.undo()
+        assert landed and signal.getsignal(signal.SIGINT) is on_int and signal.getsignal(signal.SIGTERM) is on_term
+    finally:
+        monkeypatch.undo()
+        for s, h in saved.items():
+            real(s, h)
