@@ -24,7 +24,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .schema import study_attrs
+from .schema import StudyAttr, study_attrs
 from .view import NOISE_STANDARD_ERRORS, standard_error, validation_images
 
 
@@ -67,7 +67,7 @@ class MarginMedianPruner(optuna.pruners.BasePruner):
 
     def _validation_images(self, study: optuna.Study) -> int | None:
         if study._study_id not in self._images:
-            images = validation_images(study_attrs(study._storage, study._study_id))
+            images = validation_images(study_attrs(study._storage, study._study_id).get(StudyAttr.DATASET_INFO))
             if images is None:  # not written yet (the first trial's data is still loading): ask again later
                 return None
             self._images[study._study_id] = images

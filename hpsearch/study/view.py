@@ -195,15 +195,15 @@ def study_summary(view: StudyView) -> dict:
         "trial_seconds_total": sum(durations),
         "wall_seconds": (max(ends) - min(starts)).total_seconds() if starts and ends else None,
         "devices": sorted({str(t.attrs[TrialAttr.DEVICE]) for t in trials if TrialAttr.DEVICE in t.attrs}),
-        "validation_standard_error": standard_error(best.value, validation_images(attrs)),
+        "validation_standard_error": standard_error(best.value, validation_images(attrs.get(StudyAttr.DATASET_INFO))),
         "best_start": _best_start(trials, best),
     }
 
 
-def validation_images(attrs: dict) -> int | None:
-    """The size of a study's validation split, from its dataset_info attribute (None if unknown)."""
-    info = attrs.get(StudyAttr.DATASET_INFO)
-    images = info.get("validation") if isinstance(info, dict) else None
+def validation_images(dataset_info) -> int | None:
+    """The size of a study's validation split, from its dataset_info attribute (as summary.json
+    copies it too); None if unknown or damaged."""
+    images = dataset_info.get("validation") if isinstance(dataset_info, dict) else None
     return images if isinstance(images, int) else None
 
 
@@ -257,7 +257,7 @@ def start_comparison(summary: dict) -> str | None:
             + f"; the search gained {start['lead']:+.4f} on validation"
             + (f", {start['test_lead']:+.4f} on test" if tested else ""))
     if lead_within_noise(summary):
-        images = (summary.get("dataset_info") or {}).get("validation", "?")
+        images = validation_images(summary.get("dataset_info"))
         text += (f" (the validation lead is within {NOISE_STANDARD_ERRORS} standard errors on {images} images, "
                  f"{NOISE_STANDARD_ERRORS} x {summary['validation_standard_error']:.4f}: it may be luck"
                  + ("" if tested else "; retrain to test both") + ")")
