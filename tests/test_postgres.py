@@ -79,16 +79,21 @@ def finish(procs, timeout=180):
                 p.kill()
 
 
-def wait_for_running_trial(storage_url, study, workers=1, deadline_s=90, epochs=EPOCHS):
+def wait_for_running_trial(storage_url, study, workers=1, deadline_s=90, epochs=EPOCHS, procs=()):
     """A RUNNING trial with at least one epoch reported and four still to go (so a signal or a
     server stop sent now lands mid-trial), once `workers` processes have asked trials (so all are
-    past opening the study). One storage object, polled: not an engine per look."""
+    past opening the study). One storage object, polled: not an engine per look. A process of
+    `procs` that exits first fails the wait with its output."""
     from hpsearch.study.storage import server_url
 
     end = time.time() + deadline_s
     storage = None
     while time.time() < end:
         time.sleep(0.2)
+        for p in procs:
+            if p.poll() is not None:
+                out, err = p.communicate()
+                raise AssertionError(f"a worker exited (code {p.returncode}) before the wait ended:\n{out}\n{err}")
         try:  # skip_table_creation: never join the workers' race to create the tables
             storage = storage or optuna.storages.RDBStorage(server_url(storage_url), skip_table_creation=True)
             trials = optuna.load_study(study_name=study, storage=storage).get_trials()
@@ -170,13 +175,14 @@ def test_server_restart_mid_run_then_rerun(setup, pg_db, postgres_url, tmp_path)
         pytest.fail("HPSEARCH_TEST_POSTGRES_DIR is not set: this test restarts the server, so it needs one "
                     "started by scripts/postgres.sh (which sets both variables)")
     ctl = ["bash", str(ROOT / "scripts" / "postgres.sh")]
-    # 24 epochs (~3 s a trial): with 8 the first worker, started seconds before the third, could
-    # finish the study before all three had asked a trial (CI: "no trial got running in time")
-    n, epochs = 8, 24
+    # 12 trials of 24 epochs (~3 s each): with 8 of 8 epochs the first workers, started seconds
+    # before the third on a loaded host, could finish the study before all three had asked a
+    # trial (CI: "no trial got running in time"; once more with 8 of 24)
+    n, epochs = 12, 24
     args = run_args(setup, pg_db, "restart", n, epochs=epochs)
     workers = [start(args, tmp_path) for _ in range(3)]
     try:
-        wait_for_running_trial(pg_db, "restart", workers=3, epochs=epochs)
+        wait_for_running_trial(pg_db, "restart", workers=3, epochs=epochs, procs=workers)
         subprocess.run([*ctl, "pause", server], check=True, timeout=60)
         try:
             time.sleep(2)
