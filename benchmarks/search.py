@@ -9,6 +9,7 @@ training split unless --subset is given:
   random    random search over the same space, without the starting configurations
   halving, hyperband, margin  (on request) the default study with --pruner halving / hyperband /
             median-margin
+  gp        (on request) the default study with --sampler gp
 and once, for reference:
   starts    the space's [[start]] configurations, each trained alone for the full epoch budget
             (the same seeds as in a study, so the same models)
@@ -29,7 +30,9 @@ from pathlib import Path
 METHODS = {"default": [], "random": ["--sampler", "random", "--no-start"],
            # the default study with another pruner (--methods default,halving,hyperband)
            "halving": ["--pruner", "halving"], "hyperband": ["--pruner", "hyperband"],
-           "margin": ["--pruner", "median-margin"]}
+           "margin": ["--pruner", "median-margin"],
+           # the default study with Optuna's Gaussian-process sampler (needs scipy: pip install -e .[gp])
+           "gp": ["--sampler", "gp"]}
 
 
 def _hpsearch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -108,6 +108,10 @@ def test_the_sampler_and_pruner_are_recorded_and_used(tmp_path):
     # with starts, TPE models after 4 random trials more; without, after Optuna's 10
     assert make_sampler("tpe", 0, starts=2)._n_startup_trials == 6
     assert make_sampler("tpe", 0)._n_startup_trials == 10
+    # the Gaussian process waits as long beyond the starts (in COMPLETE trials: its own rule)
+    pytest.importorskip("scipy")
+    assert isinstance(make_sampler("gp", 0, starts=3), optuna.samplers.GPSampler)
+    assert make_sampler("gp", 0, starts=3)._n_startup_trials == 7
 
 
 def test_pruning_starts_after_the_starting_configurations():

@@ -245,9 +245,11 @@ def make_sampler(name: str, seed: int, starts: int = 0) -> optuna.samplers.BaseS
     name = resolve_sampler(name)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
-    if name == "gp":  # RunSettings.validate has checked that scipy is there
-        return optuna.samplers.GPSampler(seed=seed, deterministic_objective=False)
     startup = starts + RANDOM_AFTER_STARTS if starts else 10
+    if name == "gp":  # RunSettings.validate has checked that scipy is there
+        # GPSampler counts COMPLETE trials only (pruned ones teach it nothing): with the default
+        # pruner a 10-minute study has 3-4, so it samples at random that long (docs/benchmarks.md).
+        return optuna.samplers.GPSampler(seed=seed, deterministic_objective=False, n_startup_trials=startup)
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True,
                                       n_startup_trials=startup)
 
