@@ -94,7 +94,7 @@ def _watch_parent(parent_pid: int) -> None:
 def run(
     ctx: typer.Context,
     trials: int = typer.Option(20, "--trials", "-n", help="Finished trials the study should hold (re-running continues up to this)."),
-    timeout: Optional[float] = typer.Option(None, help="Stop asking for trials after this many seconds."),
+    timeout: Optional[float] = typer.Option(None, help="Stop asking for trials after this many seconds; running ones are cut short once the study has a complete trial."),
     study: str = typer.Option(DEFAULT_STUDY, help="Study name."),
     storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
     dataset: str = typer.Option("fashion-mnist", help="mnist, fashion-mnist, kmnist or idx (a directory of IDX files)."),

@@ -209,6 +209,7 @@ class SearchLoop:
         self.poll_seconds = max(0.5, min(interval / 2, 5.0))
         self.start = self.next_recovery = 0.0
         self.waiting = False
+        self.overtime_noted = False  # said once that time is up but no trial is complete yet
 
     def execute(self) -> RunSummary:
         """Run the study; on any exception, give up the trials in training first (see `_stop`)."""
@@ -243,6 +244,21 @@ class SearchLoop:
     def _out_of_time(self) -> bool:
         timeout = self.settings.timeout
         return timeout is not None and self.clock() - self.start >= timeout
+
+    def _cut_for_time(self) -> bool:
+        """Past --timeout, trials in training are cut short, unless the study has no complete
+        trial yet: then they train on to their budget, so that the run leaves a model to report
+        (the default space's first start takes ~85 s on a 2-core CPU; --timeout 60 left none)."""
+        if not self._out_of_time():
+            return False
+        if self.session.counts().best is not None:
+            return True
+        if not self.overtime_noted:
+            self.overtime_noted = True
+            which = ", ".join(map(str, sorted(self.running)))
+            self.reporter.note(f"time is up, but the study has no complete trial yet: "
+                               f"trial{'s' if len(self.running) > 1 else ''} {which} train on to the epoch budget")
+        return False
 
     def _fill_slots(self) -> None:
         """Ask trials while there is room, the study needs more (every worker counted), and time."""
@@ -315,7 +331,7 @@ class SearchLoop:
             if result.diverged is None and math.isfinite(result.val_acc):
                 self.session.report(number, result.epoch, result.val_acc)
             verdict = judge(result, run.curves["val_acc"], self.data.num_classes,
-                            lambda: self.session.should_prune(number), self._out_of_time())
+                            lambda: self.session.should_prune(number), self._cut_for_time())
             if verdict is None:
                 return
             self._leave(number)

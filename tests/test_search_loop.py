@@ -229,11 +229,32 @@ def test_timeout_cuts_running_trials_short_and_stops_asking():
             return super().run_epoch()
 
     session = FakeSession(target=10, epochs=5)
+    session.told[99] = ("COMPLETE", 0.3, None)  # from an earlier run: the study has a model already
     loop, _ = make_loop(session, SlowTrainer(), population=2, timeout=25, clock=clock)
     summary = loop.execute()
     assert summary.stopped_by == "timeout"
-    assert sorted(session.told) == [0, 1] and session.next_number == 2  # nothing asked after the timeout
-    assert all(s == "PRUNED" and r.stop_reason == "timeout" and r.epochs_run == 3 for s, _, r in session.told.values())
+    assert sorted(session.told) == [0, 1, 99] and session.next_number == 2  # nothing asked after the timeout
+    assert all(session.told[n][0] == "PRUNED" and session.told[n][2].stop_reason == "timeout"
+               and session.told[n][2].epochs_run == 3 for n in (0, 1))
+
+
+def test_timeout_lets_trials_finish_while_the_study_has_no_complete_trial():
+    """A --timeout shorter than one trial must not end with nothing to report: the trials in
+    training finish (each may still be pruned), nothing new is asked, and the run says why."""
+    clock = Clock()
+
+    class SlowTrainer(FakeTrainer):
+        def run_epoch(self):
+            clock.now += 10.0
+            return super().run_epoch()
+
+    session = FakeSession(target=10, epochs=5, prune_at={1: 4})
+    loop, reporter = make_loop(session, SlowTrainer(), population=2, timeout=25, clock=clock)
+    summary = loop.execute()
+    assert summary.stopped_by == "timeout" and session.next_number == 2 and summary.best_trial == 0
+    assert session.told[0][0] == "COMPLETE" and session.told[0][2].epochs_run == 5
+    assert session.told[1][0] == "PRUNED" and session.told[1][2].stop_reason == "pruned"  # the pruner still rules
+    assert reporter.notes == ["time is up, but the study has no complete trial yet: trials 0, 1 train on to the epoch budget"]
 
 
 def test_a_trial_another_worker_took_is_dropped_not_told():
