@@ -31,6 +31,32 @@ def test_search_benchmark_refuses_unknown_methods(monkeypatch, capsys):
     assert "unknown method(s) bogus" in capsys.readouterr().err
 
 
+def test_search_benchmark_summarizes_gains_over_seeds(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import search
+
+    runs = [{"starts": {"test_acc": 0.90}, "rows": [{"budget_s": 600, "method": "default", "test_acc": 0.905},
+                                                     {"budget_s": 600, "method": "random", "test_acc": None}]},
+            {"starts": {"test_acc": 0.91}, "rows": [{"budget_s": 600, "method": "default", "test_acc": 0.909},
+                                                     {"budget_s": 600, "method": "random", "test_acc": 0.912}]}]
+    default, random = search.summarize(runs)
+    assert (default["method"], default["seeds"], default["at_or_above"]) == ("default", 2, 1)
+    assert default["gain_mean"] == pytest.approx(0.002) and default["gain_worst"] == pytest.approx(-0.001)
+    assert default["test_mean"] == pytest.approx(0.907)
+    assert (random["seeds"], random["gain_mean"], random["at_or_above"]) == (1, pytest.approx(0.002), 1)
+    assert random["test_mean"] == pytest.approx(0.912)  # only the seed that has a test
+
+
+def test_search_benchmark_refuses_a_bad_seed_list(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import search
+
+    monkeypatch.setattr(sys, "argv", ["search.py", "--seed", "0,x"])
+    with pytest.raises(SystemExit) as exc:
+        search.main()
+    assert exc.value.code == 2 and "--seed takes integers" in capsys.readouterr().err
+
+
 def test_selection_benchmark_retrains_the_top_trials_as_they_were(tmp_path, monkeypatch):
     """benchmarks/selection.py tests a study's top trials: each retrained model must be the trial's
     own (same validation accuracy), and each signal's pick must be the trial it ranks first."""
