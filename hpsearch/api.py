@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .config import DEFAULT_STORAGE, DEFAULT_STUDY, RunSettings, check_study_name, resolve_workers, results_name
+from .config import (DEFAULT_STORAGE, DEFAULT_STUDY, RunSettings, check_study_name, resolve_trials, resolve_workers,
+                     results_name)
 from .errors import HPSearchError
 
 RESULTS_DIR = "results"
@@ -45,13 +46,14 @@ class _Unset:
         return repr(self.value)
 
 
-def run(*, trials: int = 20, timeout: float | None = None, study: str = DEFAULT_STUDY,
+def run(*, trials: int | None = None, timeout: float | None = None, study: str = DEFAULT_STUDY,
         storage: str = DEFAULT_STORAGE, dataset: str = _Unset("fashion-mnist"), data_dir: str | None = None,
         space: str | None = _Unset(None), epochs: int = _Unset(20), subset: int | None = _Unset(None),
         device: str = "auto", seed: int = _Unset(0), pruner: str = "median", sampler: str = "auto",
         population: str | int = "auto", val_fraction: float = _Unset(0.1), precision: str = "fp32",
         grouping: str = "auto", start: bool = True, workers: str | int = "auto", progress: bool = True):
-    """Run (or continue) a study until it holds `trials` finished trials; returns the optuna.Study.
+    """Run (or continue) a study until it holds `trials` finished trials (default 20; with a
+    `timeout` and no `trials`, until the time is up); returns the optuna.Study.
 
     The options are `hpsearch run`'s. Continuing a study needs only its name and the new target:
     dataset, subset, val_fraction, epochs, seed and space left out come from the study, and
@@ -68,6 +70,7 @@ def run(*, trials: int = 20, timeout: float | None = None, study: str = DEFAULT_
     """
     options = {k: v for k, v in locals().items() if k not in ("workers", "progress")}  # first line: the arguments only
     given = tuple(k for k in IDENTITY_OPTIONS if not isinstance(options[k], _Unset))
+    options["trials"] = resolve_trials(trials, timeout)
     settings = RunSettings(**{k: v.value if isinstance(v, _Unset) else v for k, v in options.items()}, given=given)
     count = resolve_workers(workers, settings.device)
     if count == 1:

@@ -93,7 +93,9 @@ def _watch_parent(parent_pid: int) -> None:
 @app.command()
 def run(
     ctx: typer.Context,
-    trials: int = typer.Option(20, "--trials", "-n", help="Finished trials the study should hold (re-running continues up to this)."),
+    trials: Optional[int] = typer.Option(None, "--trials", "-n", show_default=False,
+                                         help="Finished trials the study should hold (re-running continues up to this). "
+                                              "Default: 20, or no limit with --timeout."),
     timeout: Optional[float] = typer.Option(None, help="Stop asking for trials after this many seconds; running ones are cut short once the study has a complete trial."),
     study: str = typer.Option(DEFAULT_STUDY, help="Study name."),
     storage: str = typer.Option(DEFAULT_STORAGE, help=STORAGE_HELP),
@@ -118,11 +120,11 @@ def run(
                                              "there are several, else 1). --trials counts for all of them together."),
 ) -> None:
     """Search: sample, train and prune trials into an Optuna study (resumable; safe to run in parallel)."""
-    from .config import RunSettings, resolve_workers
+    from .config import RunSettings, resolve_trials, resolve_workers
     from .search import run_study
     from .workers import run_workers
 
-    settings = RunSettings(trials=trials, timeout=timeout, study=study, storage=storage, dataset=dataset,
+    settings = RunSettings(trials=resolve_trials(trials, timeout), timeout=timeout, study=study, storage=storage, dataset=dataset,
                            data_dir=data_dir, space=space, epochs=epochs, subset=subset, device=device,
                            seed=seed, pruner=pruner, sampler=sampler, population=population, val_fraction=val_fraction,
                            precision=precision, grouping=grouping, start=start, given=_given(ctx, IDENTITY_FLAGS))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import re
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from .errors import HPSearchError
 
 DEFAULT_STORAGE = "sqlite:///studies/hpsearch.db"
 DEFAULT_STUDY = "hpsearch"
+DEFAULT_TRIALS = 20  # without --timeout; with --timeout and no --trials, the time alone bounds a run
 DATASET_NAMES = ("mnist", "fashion-mnist", "kmnist", "idx")
 PRUNERS = ("median", "median-margin", "halving", "hyperband", "none")  # hpsearch/study/pruners.py
 # auto = tpe: multivariate TPE with the constant liar, so parallel trials do not crowd one point.
@@ -76,7 +78,7 @@ def results_name(name: str) -> str:
 class RunSettings:
     """The settings of `hpsearch run`, one field per flag (`--val-fraction` is `val_fraction`)."""
 
-    trials: int = 20
+    trials: int | None = DEFAULT_TRIALS  # None: no limit (needs a timeout); see resolve_trials
     timeout: float | None = None
     study: str = DEFAULT_STUDY
     storage: str = DEFAULT_STORAGE
@@ -109,7 +111,9 @@ class RunSettings:
         _one_of("--sampler", self.sampler, SAMPLERS)
         if self.sampler == "gp" and importlib.util.find_spec("scipy") is None:  # Optuna's GPSampler fits with it
             raise HPSearchError("--sampler gp needs scipy: pip install scipy (or use --sampler tpe)")
-        if self.trials < 1:
+        if self.trials is None and self.timeout is None:
+            raise HPSearchError("give --trials or --timeout: a study needs a target or a time limit")
+        if self.trials is not None and self.trials < 1:
             raise HPSearchError(f"--trials must be at least 1, got {self.trials}")
         if self.epochs < 1:
             raise HPSearchError(f"--epochs must be at least 1, got {self.epochs}")
@@ -123,6 +127,15 @@ class RunSettings:
             raise HPSearchError(f"unknown device {self.device!r}; use auto, cpu or cuda[:N]")
         check_study_name(self.study)
         _population_request(self.population)
+
+    @property
+    def trial_target(self) -> float:
+        """Finished trials to reach: --trials, or infinity when only --timeout bounds the run."""
+        return math.inf if self.trials is None else self.trials
+
+    def finished_text(self, finished: int) -> str:
+        """'12 of 20' (or '12' without a target), for '... trials finished'."""
+        return str(finished) if self.trials is None else f"{finished} of {self.trials}"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -172,12 +185,20 @@ def _population_request(requested: str | int) -> int | None:
     return k
 
 
-def population_size(requested: str | int, device, trials: int) -> int:
+def resolve_trials(trials: int | None, timeout: float | None) -> int | None:
+    """--trials left out: 20, or no limit when --timeout is given (`hpsearch run --timeout 600`
+    searches for 10 minutes, as Optuna's optimize(timeout=600) does)."""
+    if trials is not None:
+        return trials
+    return None if timeout is not None else DEFAULT_TRIALS
+
+
+def population_size(requested: str | int, device, trials: float) -> int:
     """K members trained at once. auto: 1 on a CPU (no gain there), 32 on a GPU."""
     k = _population_request(requested)
     if k is None:
         k = 32 if device.type == "cuda" else 1
-    return max(1, min(k, trials))
+    return int(max(1, min(k, trials)))
 
 
 def resolve_sampler(requested: str) -> str:

@@ -31,12 +31,12 @@ class RichReporter:
             f"[bold]study[/] {settings.study}  [bold]storage[/] {redact(settings.storage)}  "
             f"[bold]data[/] {data.name} ({len(data.train_y)} train / {len(data.val_y)} val, {data.source})  "
             f"[bold]device[/] {data.train_x.device}  [bold]population[/] {population}")
-        if already >= settings.trials:
+        if already >= settings.trial_target:
             self.console.print(f"study {settings.study} already holds {already} finished trials (--trials "
                                f"{settings.trials}): nothing to do; to run more, raise the target, e.g. --trials "
                                f"{already + settings.trials}", soft_wrap=True)
         elif already:
-            self.console.print(f"continuing: {already} of {settings.trials} trials already finished"
+            self.console.print(f"continuing: {settings.finished_text(already)} trials already finished"
                                + (f", best {best:.4f}" if best is not None else ""))
         self.progress = Progress(
             TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -44,7 +44,8 @@ class RichReporter:
             TimeRemainingColumn(), console=self.console, transient=False,
         )
         self.progress.start()
-        self.task = self.progress.add_task("trials", total=settings.trials, completed=min(already, settings.trials),
+        self.task = self.progress.add_task("trials", total=settings.trials,  # no target (--timeout alone): no total
+                                           completed=already if settings.trials is None else min(already, settings.trials),
                                            info=_best_text(best))
         # The epochs of the trials in training: a long trial shows it is moving.
         self.epoch_task = self.progress.add_task("epochs", total=settings.epochs, visible=False, info="")
@@ -109,9 +110,9 @@ class WorkerReporter:
         print(f"{self.prefix} {text}", flush=True)
 
     def start(self, settings, data, already, population, best=None):
-        self.target = settings.trials
+        self.target = settings.trials if settings.trials is not None else "-"
         self._print(f"started: {data.name} {len(data.train_y)} train / {len(data.val_y)} val on "
-                    f"{data.train_x.device}, population {population}; {already} of {settings.trials} finished"
+                    f"{data.train_x.device}, population {population}; {settings.finished_text(already)} finished"
                     + (f", best {best:.4f}" if best is not None else ""))
 
     def epochs_done(self, running):

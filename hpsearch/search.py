@@ -283,12 +283,12 @@ class SearchLoop:
         if self._out_of_time():
             return "timeout"
         counts = self.session.counts()
-        if counts.finished >= self.settings.trials:
+        if counts.finished >= self.settings.trial_target:
             return "trials"
         # The rest of the study is running in other workers: wait until those trials finish, or
         # are declared dead and come back as retries that we then take.
         if not self.waiting:
-            self.reporter.note(f"{counts.finished} of {self.settings.trials} trials finished, "
+            self.reporter.note(f"{self.settings.finished_text(counts.finished)} trials finished, "
                                f"{counts.running} running in other workers: waiting for them")
             self.waiting = True
         self.sleep(self.poll_seconds)
@@ -392,7 +392,7 @@ class SearchLoop:
 
     def _finished_text(self) -> str:
         try:
-            return f"{self.session.counts().finished} of {self.settings.trials} trials finished"
+            return f"{self.settings.finished_text(self.session.counts().finished)} trials finished"
         except BaseException:  # noqa: BLE001 - a dead storage, or a second Ctrl-C
             return "finished trials are kept"
 
@@ -439,7 +439,7 @@ def run_study(settings: RunSettings, reporter: Reporter | None = None) -> RunSum
                                     grouping=resolve_grouping(settings.grouping, device), note=reporter.note)
     session = StudySession(settings, space, liveness)
     loop = SearchLoop(settings, session, trainer, reporter,
-                      population=population_size(settings.population, device, settings.trials),
+                      population=population_size(settings.population, device, settings.trial_target),
                       data=data, device=device_label(device),
                       memory_refusal=lambda config: memory_refusal(config.model_spec(data), config.batch_size,
                                                                    data.train_x.device))

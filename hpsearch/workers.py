@@ -112,7 +112,8 @@ def run_workers(settings: RunSettings, workers: int, *, debug: bool = False, ech
     echo_err = echo_err or (lambda line: print(line, file=sys.stderr, flush=True))
     _check_before_starting(settings)
     devices = worker_devices(settings.device, workers)
-    echo(f"study {settings.study}: {settings.trials} finished trials shared by {workers} workers "
+    goal = f"{settings.trials} finished trials" if settings.trials is not None else f"{settings.timeout:g} s of search"
+    echo(f"study {settings.study}: {goal} shared by {workers} workers "
          f"({', '.join(devices)})")
     relay = _Relay(echo_err)
     procs: list[subprocess.Popen] = []
@@ -144,11 +145,11 @@ def _conclude(settings: RunSettings, codes: list[int | None], signum: int | None
         echo_err(f"error: cannot read the study after the run: {error_line(exc)}")
         return 1
     best_text = f"best {best.value:.4f} (trial {best.number})" if best else "no complete trial yet"
-    finished = f"{counts.finished} of {settings.trials} trials finished"
+    finished = f"{settings.finished_text(counts.finished)} trials finished"
     echo(f"study {settings.study}: {finished} ({counts.complete} complete, {counts.pruned} pruned, "
          f"{counts.failed} failed, {counts.running} running, {counts.waiting} queued); {best_text}")
     if signum is not None:
-        if counts.finished >= settings.trials:  # the signal came as the last trials finished
+        if counts.finished >= settings.trial_target:  # the signal came as the last trials finished
             echo_err(f"interrupted after the study was complete ({finished}): nothing is left to continue")
         else:
             echo_err(f"interrupted: workers stopped, their running trials marked failed and queued to run again; "
@@ -156,7 +157,7 @@ def _conclude(settings: RunSettings, codes: list[int | None], signum: int | None
         return 128 + signum
     killed = [f"worker {i} ({_signal_name(c)})" for i, c in enumerate(codes)
               if c is not None and (c < 0 or c in (128 + signal.SIGINT, 128 + signal.SIGTERM))]
-    if counts.finished >= settings.trials:
+    if counts.finished >= settings.trial_target:
         if killed:
             echo_err(f"note: {', '.join(killed)} died; the others finished the study (its trials were retried)")
         return 0

@@ -238,6 +238,30 @@ def test_timeout_cuts_running_trials_short_and_stops_asking():
                and session.told[n][2].epochs_run == 3 for n in (0, 1))
 
 
+def test_a_timeout_without_a_trial_target_runs_until_the_time_is_up():
+    clock = Clock()
+
+    class SlowTrainer(FakeTrainer):
+        def run_epoch(self):
+            clock.now += 1.0
+            return super().run_epoch()
+
+    session = FakeSession(target=10**9, epochs=1)
+    settings = RunSettings(trials=None, epochs=1, timeout=30, storage="sqlite:///x.db")
+    loop = SearchLoop(settings, session, SlowTrainer(), Recorder(), population=1, data=DATA, device="cpu:test",
+                      clock=clock, sleep=clock.sleep)
+    summary = loop.execute()
+    assert summary.stopped_by == "timeout" and len(session.told) == 30  # not the default 20
+
+
+def test_trials_left_out_mean_20_or_no_limit_with_a_timeout():
+    from hpsearch.config import resolve_trials
+
+    assert (resolve_trials(None, None), resolve_trials(None, 600.0), resolve_trials(5, 600.0)) == (20, None, 5)
+    with pytest.raises(HPSearchError, match="give --trials or --timeout"):
+        RunSettings(trials=None).validate()
+
+
 def test_timeout_lets_trials_finish_while_the_study_has_no_complete_trial():
     """A --timeout shorter than one trial must not end with nothing to report: the trials in
     training finish (each may still be pruned), nothing new is asked, and the run says why."""

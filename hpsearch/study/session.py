@@ -324,7 +324,7 @@ def _deliver(signum: int, handler) -> None:
         signal.raise_signal(signum)
 
 
-def _ask(study: optuna.Study, target: int, lock: StudyLock,
+def _ask(study: optuna.Study, target: float, lock: StudyLock,
          keep: Callable[[optuna.Trial], None] = lambda trial: None) -> optuna.Trial | None:
     """A new (or queued) trial if the study still needs one, else None.
 
@@ -445,7 +445,7 @@ class StudySession:
 
     def ask(self) -> AskedTrial | None:
         """The next trial (number, config, sampled params), or None when the study needs no more."""
-        trial = _ask(self.study, self.settings.trials, self.lock, keep=self._keep)
+        trial = _ask(self.study, self.settings.trial_target, self.lock, keep=self._keep)
         if trial is None:
             return None
         self._beats.add(trial._trial_id)
