@@ -126,7 +126,8 @@ def print_table(rows: list[dict], starts: dict) -> None:
 
 def summarize(runs: list[dict]) -> list[dict]:
     """Per (budget, method) over the seeds: mean test accuracy, mean and worst gain over the best
-    start alone, and in how many seeds the method was at or above that start."""
+    start alone, and in how many seeds the method was at or above that start (a seed whose study
+    or report failed has no test: `tested` counts those that did)."""
     groups: dict[tuple, list[tuple[float, float]]] = {}  # (budget, method) -> [(test, best start's test)]
     for run in runs:
         for r in run["rows"]:
@@ -135,7 +136,7 @@ def summarize(runs: list[dict]) -> list[dict]:
     rows = []
     for (budget, method), pairs in groups.items():
         gains = [test - start for test, start in pairs]
-        rows.append({"budget_s": budget, "method": method, "seeds": len(pairs),
+        rows.append({"budget_s": budget, "method": method, "seeds": len(runs), "tested": len(pairs),
                      "test_mean": sum(test for test, _ in pairs) / len(pairs), "gain_mean": sum(gains) / len(gains),
                      "gain_worst": min(gains), "at_or_above": sum(g >= 0 for g in gains)})
     return rows
@@ -143,10 +144,11 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 def print_summary(summary: list[dict], seeds: int) -> None:
     print(f"\nover {seeds} seeds: mean test, gain over the best start alone (mean, worst), seeds at or above it")
-    print(f"{'budget':>6} {'method':<9} {'seeds':>5} {'test':>7} {'gain':>8} {'worst':>8} {'>= start':>8}")
+    print(f"{'budget':>6} {'method':<9} {'tested':>6} {'test':>7} {'gain':>8} {'worst':>8} {'>= start':>8}")
     for r in summary:
-        print(f"{r['budget_s']:>6} {r['method']:<9} {r['seeds']:>5} {r['test_mean']:7.4f} {r['gain_mean']:+8.4f} "
-              f"{r['gain_worst']:+8.4f} {r['at_or_above']:>4}/{r['seeds']}")
+        print(f"{r['budget_s']:>6} {r['method']:<9} {r['tested']:>6} {r['test_mean']:7.4f} {r['gain_mean']:+8.4f} "
+              f"{r['gain_worst']:+8.4f} {r['at_or_above']:>4}/{r['seeds']}"
+              + (f"  ({r['seeds'] - r['tested']} without a test)" if r["tested"] < r["seeds"] else ""))
 
 
 def main() -> None:
@@ -167,6 +169,8 @@ def main() -> None:
         seeds = [int(s) for s in args.seed.split(",")]
     except ValueError:
         parser.error(f"--seed takes integers, comma-separated; got {args.seed!r}")
+    if len(set(seeds)) < len(seeds):  # one study name per seed: a repeat would add to the first
+        parser.error(f"--seed lists a seed twice: {args.seed}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     runs = []
@@ -175,7 +179,8 @@ def main() -> None:
         rows = [run_method(m, int(b), out, args.subset, seed) for b in args.budgets.split(",") for m in methods]
         runs.append({"seed": seed, "starts": starts, "rows": rows})
         if not args.json:
-            print(f"seed {seed}")
+            if len(seeds) > 1:
+                print(f"seed {seed}")
             print_table(rows, starts)
     result = {"runs": runs, "summary": summarize(runs)}
     (out / "search.json").write_text(json.dumps(result, indent=2) + "\n")

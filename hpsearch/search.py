@@ -247,8 +247,9 @@ class SearchLoop:
 
     def _cut_for_time(self) -> bool:
         """Past --timeout, trials in training are cut short, unless the study has no complete
-        trial yet: then they train on to their budget, so that the run leaves a model to report
-        (the default space's first start takes ~85 s on a 2-core CPU; --timeout 60 left none)."""
+        trial yet: until one completes they are not cut for time (the pruner may still stop them),
+        so a short run still leaves a model to report (the default space's first start takes ~85 s
+        on a 2-core CPU; --timeout 60 used to leave none)."""
         if not self._out_of_time():
             return False
         if self.session.counts().best is not None:
@@ -256,8 +257,8 @@ class SearchLoop:
         if not self.overtime_noted:
             self.overtime_noted = True
             which = ", ".join(map(str, sorted(self.running)))
-            self.reporter.note(f"time is up, but the study has no complete trial yet: "
-                               f"trial{'s' if len(self.running) > 1 else ''} {which} train on to the epoch budget")
+            self.reporter.note(f"time is up, but the study has no complete trial yet: trial"
+                               f"{'s' if len(self.running) > 1 else ''} {which} go on until one completes")
         return False
 
     def _fill_slots(self) -> None:
@@ -330,8 +331,9 @@ class SearchLoop:
         try:
             if result.diverged is None and math.isfinite(result.val_acc):
                 self.session.report(number, result.epoch, result.val_acc)
+            cut = not result.finished and self._cut_for_time()  # a trial at its budget completes anyway
             verdict = judge(result, run.curves["val_acc"], self.data.num_classes,
-                            lambda: self.session.should_prune(number), self._cut_for_time())
+                            lambda: self.session.should_prune(number), cut)
             if verdict is None:
                 return
             self._leave(number)

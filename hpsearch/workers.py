@@ -112,8 +112,9 @@ def run_workers(settings: RunSettings, workers: int, *, debug: bool = False, ech
     echo_err = echo_err or (lambda line: print(line, file=sys.stderr, flush=True))
     _check_before_starting(settings)
     devices = worker_devices(settings.device, workers)
-    goal = f"{settings.trials} finished trials" if settings.trials is not None else f"{settings.timeout:g} s of search"
-    echo(f"study {settings.study}: {goal} shared by {workers} workers "
+    goal = (f"{settings.timeout:g} s of search in each of {workers} workers" if settings.trials is None
+            else f"{settings.trials} finished trials shared by {workers} workers")
+    echo(f"study {settings.study}: {goal} "
          f"({', '.join(devices)})")
     relay = _Relay(echo_err)
     procs: list[subprocess.Popen] = []

@@ -40,10 +40,10 @@ def test_search_benchmark_summarizes_gains_over_seeds(monkeypatch):
             {"starts": {"test_acc": 0.91}, "rows": [{"budget_s": 600, "method": "default", "test_acc": 0.909},
                                                      {"budget_s": 600, "method": "random", "test_acc": 0.912}]}]
     default, random = search.summarize(runs)
-    assert (default["method"], default["seeds"], default["at_or_above"]) == ("default", 2, 1)
+    assert (default["method"], default["tested"], default["at_or_above"]) == ("default", 2, 1)
     assert default["gain_mean"] == pytest.approx(0.002) and default["gain_worst"] == pytest.approx(-0.001)
     assert default["test_mean"] == pytest.approx(0.907)
-    assert (random["seeds"], random["gain_mean"], random["at_or_above"]) == (1, pytest.approx(0.002), 1)
+    assert (random["seeds"], random["tested"], random["gain_mean"]) == (2, 1, pytest.approx(0.002))
     assert random["test_mean"] == pytest.approx(0.912)  # only the seed that has a test
 
 
@@ -51,10 +51,11 @@ def test_search_benchmark_refuses_a_bad_seed_list(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import search
 
-    monkeypatch.setattr(sys, "argv", ["search.py", "--seed", "0,x"])
-    with pytest.raises(SystemExit) as exc:
-        search.main()
-    assert exc.value.code == 2 and "--seed takes integers" in capsys.readouterr().err
+    for seeds, message in (("0,x", "--seed takes integers"), ("0,1,0", "--seed lists a seed twice")):
+        monkeypatch.setattr(sys, "argv", ["search.py", "--seed", seeds])
+        with pytest.raises(SystemExit) as exc:
+            search.main()
+        assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_selection_benchmark_retrains_the_top_trials_as_they_were(tmp_path, monkeypatch):

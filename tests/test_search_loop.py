@@ -246,8 +246,10 @@ def test_a_timeout_without_a_trial_target_runs_until_the_time_is_up():
             clock.now += 1.0
             return super().run_epoch()
 
-    session = FakeSession(target=10**9, epochs=1)
-    settings = RunSettings(trials=None, epochs=1, timeout=30, storage="sqlite:///x.db")
+    from hpsearch.config import resolve_trials
+
+    settings = RunSettings(trials=resolve_trials(None, 30.0), epochs=1, timeout=30, storage="sqlite:///x.db")
+    session = FakeSession(target=settings.trial_target, epochs=1)  # the real session asks up to it too
     loop = SearchLoop(settings, session, SlowTrainer(), Recorder(), population=1, data=DATA, device="cpu:test",
                       clock=clock, sleep=clock.sleep)
     summary = loop.execute()
@@ -278,7 +280,7 @@ def test_timeout_lets_trials_finish_while_the_study_has_no_complete_trial():
     assert summary.stopped_by == "timeout" and session.next_number == 2 and summary.best_trial == 0
     assert session.told[0][0] == "COMPLETE" and session.told[0][2].epochs_run == 5
     assert session.told[1][0] == "PRUNED" and session.told[1][2].stop_reason == "pruned"  # the pruner still rules
-    assert reporter.notes == ["time is up, but the study has no complete trial yet: trials 0, 1 train on to the epoch budget"]
+    assert reporter.notes == ["time is up, but the study has no complete trial yet: trials 0, 1 go on until one completes"]
 
 
 def test_a_trial_another_worker_took_is_dropped_not_told():
