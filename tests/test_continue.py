@@ -86,3 +86,32 @@ def test_help_lists_commands_in_the_order_they_are_used_and_flags_without_a_type
         code, out, _ = cli([command, "--help"], monkeypatch, capsys)
         assert code in (0, None) and "--storage" in out
         assert "<bool>" not in out and "BOOLEAN" not in out
+
+
+def test_a_worker_reading_while_the_creator_writes_waits_for_the_whole_identity(tmp_path):
+    """Workers started together: one creates the study and writes what it measures attribute by
+    attribute (`created` last); another, continuing by name without the lock, must not read the
+    dataset without the space and refuse the study (a CI failure of the four-worker test)."""
+    import threading
+    import time
+
+    from hpsearch.config import RunSettings
+    from hpsearch.space import load_space
+    from hpsearch.study.continuing import continue_settings
+    from hpsearch.study.schema import StudyAttr, set_study_attr
+    from hpsearch.study.session import _identity, _write_identity
+
+    url = f"sqlite:///{tmp_path}/s.db"
+    settings = RunSettings(study="w", storage=url, space="mlp", epochs=3, given=("space", "epochs"))
+    study = optuna.create_study(study_name="w", storage=url, direction="maximize")
+    set_study_attr(study._storage, study._study_id, StudyAttr.DATASET, "fashion-mnist")  # the first write
+
+    def creator_finishes():
+        time.sleep(0.5)
+        _write_identity(study, settings, load_space("mlp"), _identity(settings, load_space("mlp")))
+
+    writer = threading.Thread(target=creator_finishes)
+    writer.start()
+    continued, space = continue_settings(settings)
+    writer.join()
+    assert continued.epochs == 3 and space.to_dict() == load_space("mlp").to_dict()

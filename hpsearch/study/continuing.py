@@ -13,7 +13,7 @@ import json
 from ..config import RunSettings
 from ..errors import HPSearchError
 from ..space import Space, load_space, space_from_dict
-from .schema import IDENTITY, StudyAttr, study_attrs
+from .schema import IDENTITY, StudyAttr, settled_study_attrs
 from .storage import open_storage, storage_file
 
 
@@ -62,7 +62,5 @@ def _stored_identity(settings: RunSettings) -> dict | None:
         study_id = storage.get_study_id_from_name(settings.study)
     except KeyError:
         return None
-    attrs = study_attrs(storage, study_id)
-    if StudyAttr.DATASET not in attrs:
-        return None
-    return attrs
+    # No lock is held here: a worker started with the study's creator may read while it writes.
+    return settled_study_attrs(storage, study_id, wait=True)

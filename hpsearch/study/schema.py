@@ -9,6 +9,7 @@ Optuna-free: a `TrialRow` is hpsearch's own copy of what a report needs from a t
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
@@ -47,6 +48,26 @@ def study_attrs(storage, study_id: int) -> dict:
     system = storage.get_study_system_attrs(study_id)
     attrs.update({name: system[_system_key(name)] for name in LONG_STUDY_ATTRS if _system_key(name) in system})
     return attrs
+
+
+# How long to wait for a study's creator to finish writing what the study measures (its identity
+# attributes are written one by one, `created` last; a worker started beside it may look between).
+IDENTITY_WAIT_S = 15.0
+
+
+def settled_study_attrs(storage, study_id: int, wait: bool) -> dict | None:
+    """What the study's creator recorded it measures, or None for an empty study nobody claimed
+    (made with Optuna's own API: hpsearch adopts it). With `wait`, a study whose identity is being
+    written (dataset there, `created` not yet) is read again until it is complete: seen in CI,
+    a worker of four started together read the dataset without the space and refused the study."""
+    deadline = time.monotonic() + (IDENTITY_WAIT_S if wait else 0.0)
+    while True:
+        attrs = study_attrs(storage, study_id)
+        if StudyAttr.CREATED in attrs or StudyAttr.DATASET in attrs and not wait:
+            return attrs
+        if time.monotonic() >= deadline:
+            return attrs if StudyAttr.DATASET in attrs else None
+        time.sleep(0.2)
 
 
 def set_study_attr(storage, study_id: int, name: str, value) -> None:

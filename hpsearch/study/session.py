@@ -36,12 +36,10 @@ from ..specs import TrainConfig
 from .liveness import Heartbeat, Liveness, enqueue_retry, liveness_settings, recover_trials
 from .pruners import make_pruner
 from .schema import (FAILED_TRIAL, IDENTITY, METRIC, RUNS, WORKER, StudyAttr, TrialAttr, TrialRecord, foreign_reason,
-                     set_study_attr, study_attrs)
+                     set_study_attr, settled_study_attrs)
 from .storage import StudyLock, error_line, is_storage_error, open_storage, redact
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-# How long a worker waits for the creator of a study on a server to record its settings.
-IDENTITY_WAIT_S = 15.0
 LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
 ASK_ATTEMPTS = 5  # a new trial that overtook a queued one is given up and the ask repeated
 
@@ -194,20 +192,6 @@ def _create_or_load(settings: RunSettings, storage) -> tuple[optuna.Study, bool]
             return optuna.load_study(study_name=settings.study, storage=storage), False
 
 
-def _settled_identity(study: optuna.Study, wait: bool) -> dict | None:
-    """What the study's creator recorded it measures, or None for an empty study nobody claimed
-    (made with Optuna's own API: hpsearch adopts it). On a server the creator may still be writing
-    (no file lock there): wait for its last attribute, `created`."""
-    deadline = time.monotonic() + (IDENTITY_WAIT_S if wait else 0.0)
-    while True:
-        attrs = study_attrs(study._storage, study._study_id)
-        if StudyAttr.CREATED in attrs or StudyAttr.DATASET in attrs and not wait:
-            return attrs
-        if time.monotonic() >= deadline:
-            return attrs if StudyAttr.DATASET in attrs else None
-        time.sleep(0.2)
-
-
 def open_study(settings: RunSettings, space: Space, liveness: Liveness | None = None,
                lock: StudyLock | None = None) -> optuna.Study:
     """Create or load the study and check that it measures what `settings` say."""
@@ -218,7 +202,9 @@ def open_study(settings: RunSettings, space: Space, liveness: Liveness | None = 
             study, created = _create_or_load(settings, storage)
             _refuse_foreign(study, settings)
             identity = _identity(settings, space)
-            existing = None if created else _settled_identity(study, wait=not lock.exclusive)
+            # on a server the creator may still be writing (no file lock there): wait for it
+            existing = None if created else settled_study_attrs(study._storage, study._study_id,
+                                                                wait=not lock.exclusive)
             if existing is not None:  # whoever created the study fixed what it measures
                 _check_identity(settings, existing, identity)
             else:
