@@ -13,7 +13,7 @@ import json
 from ..config import RunSettings
 from ..errors import HPSearchError
 from ..space import Space, load_space, space_from_dict
-from .schema import IDENTITY, StudyAttr, settled_study_attrs
+from .schema import IDENTITY, StudyAttr, settled_study_attrs, study_attrs
 from .storage import open_storage, storage_file
 
 
@@ -62,5 +62,7 @@ def _stored_identity(settings: RunSettings) -> dict | None:
         study_id = storage.get_study_id_from_name(settings.study)
     except KeyError:
         return None
-    # No lock is held here: a worker started with the study's creator may read while it writes.
+    if StudyAttr.DATASET not in study_attrs(storage, study_id):
+        return None  # nobody claimed it (yet, or made with Optuna's API): open_study decides, under the lock
+    # Claimed, but no lock is held here: the creator may still be writing; wait for the rest.
     return settled_study_attrs(storage, study_id, wait=True)
