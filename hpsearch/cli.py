@@ -124,8 +124,8 @@ def run(
     from .search import run_study
     from .workers import run_workers
 
-    settings = RunSettings(trials=resolve_trials(trials, timeout), timeout=timeout, study=study, storage=storage, dataset=dataset,
-                           data_dir=data_dir, space=space, epochs=epochs, subset=subset, device=device,
+    settings = RunSettings(trials=resolve_trials(trials, timeout), timeout=timeout, study=study, storage=storage,
+                           dataset=dataset, data_dir=data_dir, space=space, epochs=epochs, subset=subset, device=device,
                            seed=seed, pruner=pruner, sampler=sampler, population=population, val_fraction=val_fraction,
                            precision=precision, grouping=grouping, start=start, given=_given(ctx, IDENTITY_FLAGS))
     n = resolve_workers(workers, device)

@@ -45,7 +45,7 @@ class RichReporter:
         )
         self.progress.start()
         self.task = self.progress.add_task("trials", total=settings.trials,  # no target (--timeout alone): no total
-                                           completed=already if settings.trials is None else min(already, settings.trials),
+                                           completed=min(already, settings.trial_target),
                                            info=_best_text(best))
         # The epochs of the trials in training: a long trial shows it is moving.
         self.epoch_task = self.progress.add_task("epochs", total=settings.epochs, visible=False, info="")
