@@ -23,6 +23,8 @@ class RichReporter:
         self.console = console or Console(highlight=False)
         self.progress: Progress | None = None
         self.task = None
+        self.time_task = None  # a --timeout-only run's bar of seconds
+        self._started, self._timeout = time.monotonic(), 0
 
     def start(self, settings, data, already, population, best=None):
         from .study import redact
@@ -47,11 +49,20 @@ class RichReporter:
         self.task = self.progress.add_task("trials", total=settings.trials,  # no target (--timeout alone): no total
                                            completed=min(already, settings.trial_target),
                                            info=_best_text(best))
+        if settings.trials is None:  # --timeout alone bounds the run: its bar is the time
+            self._started, self._timeout = time.monotonic(), round(settings.timeout)
+            self.time_task = self.progress.add_task("seconds", total=self._timeout, info="of search")
         # The epochs of the trials in training: a long trial shows it is moving.
         self.epoch_task = self.progress.add_task("epochs", total=settings.epochs, visible=False, info="")
         self._training: tuple[int, ...] = ()
 
+    def _tick(self) -> None:
+        if self.time_task is not None:
+            # past the timeout the last trials may still be completing: the bar stays full
+            self.progress.update(self.time_task, completed=min(self._timeout, round(time.monotonic() - self._started)))
+
     def epochs_done(self, running):
+        self._tick()
         numbers = tuple(sorted(r.number for r in running))
         if numbers != self._training:  # other trials now: their own elapsed time and eta
             self.progress.reset(self.epoch_task)
@@ -72,6 +83,7 @@ class RichReporter:
             f"trial {outcome.number:>4}{retry} {state:<22} val_acc {outcome.value:.4f}  epochs {outcome.epochs:>3}  "
             f"{outcome.seconds_per_epoch:6.2f}s/epoch  {shape}  {opt}"])
         self.progress.update(self.task, completed=done, info=_best_text(best))
+        self._tick()
 
     def note(self, message):
         (self.progress.console if self.progress is not None else self.console).print(message, markup=False, soft_wrap=True)

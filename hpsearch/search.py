@@ -257,8 +257,9 @@ class SearchLoop:
         if not self.overtime_noted:
             self.overtime_noted = True
             which = ", ".join(map(str, sorted(self.running)))
-            self.reporter.note(f"time is up, but the study has no complete trial yet: trial"
-                               f"{'s' if len(self.running) > 1 else ''} {which} go on until one completes")
+            several = len(self.running) > 1
+            self.reporter.note(f"time is up, but the study has no complete trial yet: trial{'s' if several else ''} "
+                               f"{which} go{'' if several else 'es'} on until one completes")
         return False
 
     def _fill_slots(self) -> None:
