@@ -1,11 +1,11 @@
 """Training recipes compared on one configuration: accuracy per epoch, same run, same seed.
 
-    .venv/bin/python benchmarks/recipe.py [--model mlp|cnn] [--epochs 20] [--parallel 2] [--subset N] [--json]
+    .venv/bin/python benchmarks/recipe.py [--model mlp|mlp-920|cnn] [--epochs 20] [--parallel 2] [--subset N] [--json]
 
 Trains one hand-picked model alone on the full Fashion-MNIST training split under each recipe,
 `--parallel` processes at a time (one thread each when more than one), and prints validation and
 test accuracy and time. mlp: 2 hidden layers of 512, ReLU, dropout 0.2, AdamW, weight decay
-1e-2, batch 128. cnn: the seeds' CNN as studies/cnn.toml's first [[start]] has it (32 -> 64
+1e-2, batch 128 (the default space's modern-default [[start]]); mlp-920: its first [[start]]. cnn: the seeds' CNN as studies/cnn.toml's first [[start]] has it (32 -> 64
 channels of 3x3 convolutions, max pooling, a 128-wide head, normal init).
 The test split is evaluated once per recipe, for this measurement only (a search never sees it).
 """
@@ -24,6 +24,16 @@ MODELS = {
         "cosine lr 1e-3": {"schedule": "cosine"},
         "cosine lr 1e-3 + smoothing 0.1": {"schedule": "cosine", "label_smoothing": 0.1},
         "cosine lr 2e-3 + smoothing 0.1": {"schedule": "cosine", "label_smoothing": 0.1, "lr": 2e-3},
+        "cosine lr 1e-3 + smoothing + batch norm": {"schedule": "cosine", "label_smoothing": 0.1, "batch_norm": True},
+        "cosine lr 2e-3 + smoothing + batch norm": {"schedule": "cosine", "label_smoothing": 0.1, "batch_norm": True,
+                                                    "lr": 2e-3},
+    }),
+    # the default space's first [[start]]: 2 hidden layers of 920, lr 5e-4, dropout 0.05
+    "mlp-920": (dict(num_layers=3, layer_size=920, activation="relu", dropout=0.05, optimizer="adamw", lr=5e-4,
+                     weight_decay=1e-2, batch_size=128, seed=0, schedule="cosine", label_smoothing=0.1), {
+        "cosine lr 5e-4 + smoothing 0.1": {},
+        "cosine lr 5e-4 + smoothing + batch norm": {"batch_norm": True},
+        "cosine lr 1e-3 + smoothing + batch norm": {"batch_norm": True, "lr": 1e-3},
     }),
     "cnn": (dict(family="cnn", conv_blocks=2, channels=32, kernel_size=3, pooling="max", conv_dropout=0.1,
                  num_layers=2, layer_size=128, dropout=0.3, activation="relu", optimizer="adamw", lr=2e-3,

@@ -182,12 +182,17 @@ def checked_spec(ckpt: dict, source: str = "checkpoint") -> ModelSpec:
     return spec
 
 
+def _is_batch_count(name: str, value: torch.Tensor) -> bool:
+    """BatchNorm1d's one integer: the batches it has seen (a scalar int64)."""
+    return name.endswith(".num_batches_tracked") and value.dtype == torch.int64 and value.dim() == 0
+
+
 def _state_dict_problem(spec: ModelSpec, state: dict) -> str | None:
     """What is wrong with the stored tensors for `spec`'s network, or None. Compared before building
     it: the parameter count the spec implies, then each name and shape against the network built on
     the meta device (shapes only, no memory)."""
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) and v.layout == torch.strided
-               and v.is_floating_point() for k, v in state.items()):
+               and (v.is_floating_point() or _is_batch_count(k, v)) for k, v in state.items()):
         return "its state_dict holds something other than named float tensors"
     with torch.device("meta"):
         model = model_from_spec(spec)

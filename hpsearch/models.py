@@ -37,12 +37,14 @@ class Normalize(nn.Module):
 
 
 def _linear_stack(spec: ModelSpec) -> nn.Sequential:
-    """The Linear / activation / dropout layers of `spec.widths` (an MLP, or a CNN's head)."""
+    """The Linear / [BatchNorm1d /] activation / dropout layers of `spec.widths` (an MLP, or a CNN's head)."""
     widths = spec.widths
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
         layers.append(nn.Linear(fan_in, fan_out))
         if i < spec.num_layers - 1:  # hidden layer
+            if spec.batch_norm:
+                layers.append(nn.BatchNorm1d(fan_out))
             layers.append(ACTIVATIONS[spec.activation]())
             if spec.dropout > 0:
                 layers.append(nn.Dropout(spec.dropout))
@@ -54,10 +56,10 @@ class NeuralNetwork(nn.Module):
 
     def __init__(self, num_layers: int = 3, layer_size: int = 128, activation: str = "relu",
                  dropout: float = 0.0, in_features: int = 784, num_classes: int = 10,
-                 mean: float = 0.0, std: float = 1.0, height: int = 0, width: int = 0):
+                 mean: float = 0.0, std: float = 1.0, height: int = 0, width: int = 0, batch_norm: bool = False):
         super().__init__()
         self.spec = ModelSpec(num_layers=num_layers, layer_size=layer_size, activation=activation, dropout=dropout,
-                              in_features=in_features, num_classes=num_classes, mean=mean, std=std,
+                              batch_norm=batch_norm, in_features=in_features, num_classes=num_classes, mean=mean, std=std,
                               height=height, width=width)
         self.normalize = Normalize(mean, std)
         self.flatten = nn.Flatten()
@@ -67,12 +69,15 @@ class NeuralNetwork(nn.Module):
     def from_spec(cls, spec: ModelSpec) -> "NeuralNetwork":
         if spec.family != "mlp":
             raise ValueError(f"NeuralNetwork is the mlp family, not {spec.family}")
-        keep = ("num_layers", "layer_size", "activation", "dropout", "in_features", "num_classes",
+        keep = ("num_layers", "layer_size", "activation", "dropout", "batch_norm", "in_features", "num_classes",
                 "mean", "std", "height", "width")
         return cls(**{k: v for k, v in spec.to_dict().items() if k in keep})
 
     def linears(self) -> list[nn.Linear]:
         return [m for m in self.layers if isinstance(m, nn.Linear)]
+
+    def batch_norms(self) -> list[nn.BatchNorm1d]:
+        return [m for m in self.layers if isinstance(m, nn.BatchNorm1d)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(self.flatten(self.normalize(x)))

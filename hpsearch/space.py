@@ -25,6 +25,7 @@ _RULES: dict[str, tuple[type, object]] = {
     "layer_size": (int, lambda v: 1 <= v <= 16384),
     "activation": (str, set(ACTIVATION_NAMES)),
     "dropout": (float, lambda v: 0.0 <= v < 1.0),
+    "batch_norm": (bool, {False, True}),
     "optimizer": (str, set(OPTIMIZERS)),
     "lr": (float, lambda v: 0.0 < v <= 10.0),
     "weight_decay": (float, lambda v: 0.0 <= v <= 10.0),
@@ -108,7 +109,7 @@ def _check_value(name: str, value, where: str):
     typ, ok = _RULES[name]
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, typ) or isinstance(value, bool):
+    if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
         raise SpaceError(f"{where}: {name} must be {typ.__name__}, got {_short(value)}")
     valid = value in ok if isinstance(ok, set) else ok(value)
     if not valid or (isinstance(value, float) and not math.isfinite(value)):
@@ -138,6 +139,8 @@ def _parse_param(name: str, spec: dict, where: str) -> Param:
             raise SpaceError(f"{where}: {name}.choices has duplicates")
         return Param(name, kind, choices=choices)
     typ = _RULES[name][0]
+    if typ is bool:
+        raise SpaceError(f"{where}: {name} is true or false: a categorical parameter (choices = [false, true]), not {kind}")
     if (kind == "int") != (typ is int):
         raise SpaceError(f"{where}: {name} is {'an int' if typ is int else 'a float or categorical'} parameter, not {kind}")
     if "low" not in spec or "high" not in spec:
@@ -191,6 +194,8 @@ def parse_space(text: str, source: str = "<string>") -> Space:
 
 def _check_family(space: Space) -> None:
     if "cnn" in space.families:
+        if "batch_norm" in space.names or space.fixed.get("batch_norm"):
+            raise SpaceError(f"{space.source}: batch_norm only applies to the mlp family (the cnn trainer has none)")
         return
     named = [n for n in _CNN_ONLY if n in space.names or n in space.fixed]
     if named:

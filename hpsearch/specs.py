@@ -54,7 +54,8 @@ class Architecture:
 
     mlp (the seeds' MLP): `num_layers` Linear layers *including* the output one (2 = one hidden
     layer), each hidden layer `layer_size` wide with the same activation, optionally followed by
-    dropout.
+    dropout; with `batch_norm`, each hidden Linear is followed by BatchNorm1d (before the
+    activation).
     cnn (the seeds' CNN): `conv_blocks` blocks of convolution (`kernel_size`, "same" padding;
     `channels` in the first block, doubling in each next one, as the seeds' 32 -> 64), activation,
     2x2 pooling and dropout (`conv_dropout`), then the MLP head above on the flattened features.
@@ -64,6 +65,7 @@ class Architecture:
     layer_size: int = 128
     activation: str = "relu"
     dropout: float = 0.0
+    batch_norm: bool = False  # mlp only (the CNN's trainer has no normalization)
     family: str = "mlp"
     conv_blocks: int = 2
     channels: int = 32
@@ -80,6 +82,9 @@ class Architecture:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         _one_of("family", self.family, FAMILIES)
+        _one_of("batch_norm", self.batch_norm, (False, True))
+        if self.batch_norm and self.family != "mlp":
+            raise ValueError("batch_norm is for the mlp family only")
         if not 1 <= self.conv_blocks <= MAX_CONV_BLOCKS:
             raise ValueError(f"conv_blocks must be in [1, {MAX_CONV_BLOCKS}], got {self.conv_blocks}")
         if self.channels < 1:
@@ -161,11 +166,14 @@ class ModelSpec(Architecture):
         for channels in self.conv_channels:
             conv += channels * h * w
             h, w = h // 2, w // 2
-        return self.in_features + conv + sum(self.widths[1:])
+        normalized = sum(self.widths[1:-1]) if self.batch_norm else 0  # batch norm keeps its output too
+        return self.in_features + conv + sum(self.widths[1:]) + normalized
 
     def param_count(self) -> int:
         w = self.widths
         linear = sum(a * b + b for a, b in zip(w[:-1], w[1:]))
+        if self.batch_norm:  # a scale and a shift per hidden unit
+            linear += 2 * sum(w[1:-1])
         fans = [1] + self.conv_channels
         conv = sum(a * b * self.kernel_size**2 + b for a, b in zip(fans[:-1], fans[1:]))
         return linear + conv
@@ -196,6 +204,8 @@ def spec_from_stored(d: dict) -> ModelSpec:
         v = d.get(name, 0.0)
         if type(v) not in (int, float) or not math.isfinite(v):
             raise ValueError(f"{name} {_short(v)} is not a finite number")
+    if type(d.get("batch_norm", False)) is not bool:
+        raise ValueError(f"batch_norm {_short(d.get('batch_norm'))} is not true or false")
     if not d.get("std", 1.0) > 0:
         raise ValueError(f"std {_short(d.get('std'))} is not positive")
     spec = ModelSpec.from_dict(d)
@@ -275,8 +285,9 @@ def lr_factor(step: int, total_steps: int, schedule: str) -> float:
 
 def describe_shape(params: dict) -> str:
     """A network's shape in a few characters, from a trial's params or a config's dict:
-    "2x128 relu" (MLP layers x width) or "cnn 2x32c k3 max + 2x128 relu"."""
-    head = f"{params.get('num_layers', '?')}x{params.get('layer_size', '?')} {params.get('activation', '')}".strip()
+    "2x128 relu" (MLP layers x width; "2x128 bn relu" with batch norm) or "cnn 2x32c k3 max + 2x128 relu"."""
+    norm = "bn " if params.get("batch_norm") else ""
+    head = f"{params.get('num_layers', '?')}x{params.get('layer_size', '?')} {norm}{params.get('activation', '')}".strip()
     # A config's dict names its family; a trial's params may not (a space fixes it), but only a
     # CNN space samples conv_blocks.
     family = params.get("family") or ("cnn" if "conv_blocks" in params else "mlp")

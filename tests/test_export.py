@@ -15,9 +15,11 @@ from hpsearch.errors import HPSearchError
 from conftest import assert_one_line_error, cli
 
 
-# One small model of each family: every test below runs against an MLP and a CNN checkpoint.
+# One small model of each family: every test below runs against an MLP, an MLP with batch norm
+# (running statistics and an integer batch count in its state) and a CNN checkpoint.
 FAMILY_CONFIGS = {
     "mlp": dict(num_layers=2, layer_size=128, lr=2e-3, batch_size=128, epochs=3, seed=0),
+    "mlp-bn": dict(num_layers=3, layer_size=96, lr=2e-3, batch_size=128, epochs=3, seed=0, batch_norm=True),
     "cnn": dict(family="cnn", conv_blocks=2, channels=8, num_layers=2, layer_size=64, conv_dropout=0.1,
                 lr=3e-3, batch_size=128, epochs=2, seed=0, init="normal"),
 }
@@ -31,7 +33,9 @@ def trained(request, tmp_path_factory, fashion_dir):
 
     data = load_dataset("fashion-mnist", fashion_dir, "cpu", subset=10000, seed=0)
     result = train_one(TrainConfig(**FAMILY_CONFIGS[request.param]), data)
-    assert result.model.spec.family == request.param
+    config = FAMILY_CONFIGS[request.param]
+    assert result.model.spec.family == config.get("family", "mlp")
+    assert len(getattr(result.model, "batch_norms", list)()) == (2 if config.get("batch_norm") else 0)
     tmp = tmp_path_factory.mktemp(f"export-{request.param}")
     path = save_checkpoint(tmp / "model.pt", result.model, classes=data.classes, image_shape=data.image_shape,
                            meta={"dataset": data.name, "note": "test"})

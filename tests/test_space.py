@@ -29,9 +29,11 @@ def test_the_wide_space_keeps_what_the_default_left_out():
     assert wide["batch_size"].choices == (64, 128, 256, 512, 1024)
     assert (wide["layer_size"].low, wide["num_layers"].high) == (32, 5)
     default_starts = list(load_space("mlp").starts)
-    first = [{k: v for k, v in start.items() if k != "optimizer"}
+    first = [{k: v for k, v in start.items() if k not in ("optimizer", "batch_norm")}
              for start in load_space("mlp-wide").starts[:len(default_starts)]]
-    assert first == default_starts  # the same starts (optimizer fixed in the default)
+    assert first == default_starts  # the same starts (optimizer and batch norm fixed in the default)
+    assert [s["batch_norm"] for s in load_space("mlp-wide").starts] == [True, True, True, False]
+    assert load_space("mlp").fixed["batch_norm"] is True
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn"])
@@ -66,10 +68,20 @@ def test_packaged_default_when_no_local_file(tmp_path, monkeypatch):
     ("[params.lr]\ntype='float'\nlow=0.1\nhigh=0.2\n[fixed]\nlr=0.1", "both sampled and fixed"),
     ("[params.lr]\ntype='float'\nlow=0.1\nhigh=0.2\n[fixed]\nmomentum=1.5", "momentum"),
     ("[params.lr]\ntype='float'\nlow=0.1\nhigh=0.2\n[other]\nx=1", "unexpected top-level"),
+    ("[params.batch_norm]\ntype='int'\nlow=0\nhigh=1", "a categorical parameter"),
+    ("[params.lr]\ntype='float'\nlow=0.1\nhigh=0.2\n[fixed]\nbatch_norm=1", "batch_norm must be bool"),
+    ("[params.lr]\ntype='float'\nlow=0.1\nhigh=0.2\n[fixed]\nfamily='cnn'\nbatch_norm=true", "only applies to the mlp"),
 ])
 def test_malformed_spaces_are_refused(text, match):
     with pytest.raises(SpaceError, match=match):
         parse_space(text, "bad.toml")
+
+
+def test_batch_norm_is_sampled_or_fixed_as_true_or_false():
+    space = parse_space("[params.batch_norm]\ntype='categorical'\nchoices=[false, true]\n"
+                        "[[start]]\nbatch_norm=true\n", "ok.toml")
+    assert space.params[0].choices == (False, True) and space.starts == ({"batch_norm": True},)
+    assert parse_space("[params.lr]\ntype='float'\nlow=0.1\nhigh=0.2\n[fixed]\nbatch_norm=true").fixed == {"batch_norm": True}
 
 
 def test_unreadable_space_file(tmp_path):

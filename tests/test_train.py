@@ -40,16 +40,19 @@ def test_divergence_ends_the_member_not_the_run(fashion_small):
     assert second.key == "good" and second.finished and len(trainer) == 0
 
 
-@pytest.mark.parametrize("optimizer, schedule, smoothing", [
-    ("adamw", "constant", 0.0), ("sgd", "constant", 0.0), ("adamw", "cosine", 0.1), ("sgd", "cosine", 0.2)])
-def test_batched_optimizer_matches_torch_optim(fashion_small, optimizer, schedule, smoothing):
-    """The trainer's AdamW / SGD+momentum (batched, hand-written), learning-rate schedule and label
-    smoothing against torch.optim + LambdaLR + F.cross_entropy(label_smoothing), step by step."""
+@pytest.mark.parametrize("optimizer, schedule, smoothing, batch_norm", [
+    ("adamw", "constant", 0.0, False), ("sgd", "constant", 0.0, False), ("adamw", "cosine", 0.1, False),
+    ("sgd", "cosine", 0.2, False), ("adamw", "cosine", 0.1, True), ("sgd", "constant", 0.0, True)])
+def test_batched_optimizer_matches_torch_optim(fashion_small, optimizer, schedule, smoothing, batch_norm):
+    """The trainer's AdamW / SGD+momentum (batched, hand-written), learning-rate schedule, label
+    smoothing and batch norm against torch.optim + LambdaLR + F.cross_entropy(label_smoothing) +
+    nn.BatchNorm1d, step by step (3,600 images at batch 128: the last batch of 16 is normalized
+    over its own rows; running statistics compared too)."""
     from hpsearch.specs import lr_factor
 
     config = TrainConfig(num_layers=3, layer_size=48, activation="tanh", optimizer=optimizer, lr=3e-3,
-                         weight_decay=1e-2, batch_size=100, epochs=2, seed=5, schedule=schedule,
-                         label_smoothing=smoothing)
+                         weight_decay=1e-2, batch_size=128 if batch_norm else 100, epochs=2, seed=5,
+                         schedule=schedule, label_smoothing=smoothing, batch_norm=batch_norm)
     ours = train_one(config, fashion_small, dtype=torch.float64).model.double()
 
     spec = config.model_spec(fashion_small)
@@ -79,8 +82,10 @@ def test_batched_optimizer_matches_torch_optim(fashion_small, optimizer, schedul
             opt.step()
             sched.step()
     assert sched.last_epoch == total
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    assert len(ref.batch_norms()) == (2 if batch_norm else 0)
     for a, b in zip(ours.state_dict().values(), ref.state_dict().values()):
-        assert torch.allclose(a, b, rtol=1e-7, atol=1e-9), (a - b).abs().max()
+        assert torch.allclose(a.double(), b.double(), rtol=1e-7, atol=1e-9), (a - b).abs().max()
 
 
 def test_last_partial_batch_is_used(fashion_small):

@@ -34,6 +34,8 @@ class Group:
 
     padded_width = False
     any_passthrough = False
+    any_batch_norm = False  # a family that normalizes sets it and supplies `_batch_norm`
+    state_buffers: list[torch.Tensor] = []  # state a step updates besides params, m and v (running statistics)
 
     def __init__(self, members: list, data: Dataset, train_x: torch.Tensor,
                  device: torch.device, dtype: torch.dtype, use_graphs: bool, precision: str = "fp32"):
@@ -177,6 +179,8 @@ class Group:
             z = torch.baddbmm(self.b[l], h, self.W[l])
             if l == L - 1:
                 return z
+            if self.any_batch_norm:
+                z = self._batch_norm(z, l, train)
             a = self._activate(z)
             if train and self.any_dropout:
                 a = self._dropout(a, l, self.dropout, self.seed32)
@@ -188,6 +192,9 @@ class Group:
         raise AssertionError("unreachable")
 
     # -- the step ------------------------------------------------------------------------------
+
+    def _batch_norm(self, z: torch.Tensor, layer: int, train: bool) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         if self.autocast_bf16:  # no autocast weight cache: it does not mix with CUDA graphs
@@ -204,6 +211,8 @@ class Group:
         y = self.data.train_y.index_select(0, idx.view(-1)).view(self.K, -1)
         if self.any_augment:
             x = augment(x, self.data.image_shape, -self.data.mean / self.data.std, self)
+        if self.any_batch_norm:  # batch statistics leave out the last batch's padding rows
+            self.step_rows = self.row_real.index_select(0, self.step_index).unsqueeze(-1)
         logits = self.forward(x, train=True)
         member_loss = (self._training_loss(logits, y) * row_w).sum(1)  # each member's mean over its real rows
         grads = torch.autograd.grad(member_loss.sum(), self.params)
@@ -333,7 +342,7 @@ class Group:
 
         # Parameters show any difference in the optimizer state (they are updated from it), so m
         # and v are only put back: one copy of the parameters less to hold during the check.
-        compared = [*self.params, self.step_count, self.step_index, self.loss_sum]
+        compared = [*self.params, *self.state_buffers, self.step_count, self.step_index, self.loss_sum]
         try:
             return compare_step_paths(compared, capture, self.step, tolerance,
                                       restore_also=[*self.m, *self.v, self.correct_sum])

@@ -5,6 +5,10 @@ member) and trained with `baddbmm`, so a step costs the same number of kernel la
 member or 64. Depth: a shallower member's missing hidden layers are pass-through
 (`where(active, f(h), h)`). Width: padded units are multiplied by a 0/1 unit mask, so they output
 exactly zero and get exactly zero gradient.
+
+Batch norm (a group's members all have it or none do): per member and unit, over the step's real
+rows, as nn.BatchNorm1d computes it in training (running statistics for evaluation). A padded
+unit is zero on every row and its scale and shift are zero, so it stays exactly zero.
 """
 
 from __future__ import annotations
@@ -64,6 +68,22 @@ def init_linears(gen: torch.Generator, config: TrainConfig, spec: ModelSpec) -> 
     return out
 
 
+# nn.BatchNorm1d's defaults
+BN_MOMENTUM = 0.1
+BN_EPS = 1e-5
+
+
+def init_batch_norm(spec: ModelSpec) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A new member's batch-norm (scale and shift, running mean and variance), each [1, width]
+    per hidden layer, as nn.BatchNorm1d starts (1, 0, 0, 1); empty without batch norm."""
+    if not spec.batch_norm:
+        return [], []
+    sizes = spec.widths[1:-1]
+    params = [torch.ones(1, s) for s in sizes] + [torch.zeros(1, s) for s in sizes]
+    running = [torch.zeros(1, s) for s in sizes] + [torch.ones(1, s) for s in sizes]
+    return params, running
+
+
 class MLPGroup(Group):
     """MLP members with one batch size; padded to the deepest and widest member."""
 
@@ -77,7 +97,14 @@ class MLPGroup(Group):
         widths = self.widths
         self.W = [torch.zeros(self.K, a, b, **fp) for a, b in zip(widths[:-1], widths[1:])]
         self.b = [torch.zeros(self.K, 1, b, **fp) for b in widths[1:]]
-        self.params = self.W + self.b
+        self.any_batch_norm = members[0].spec.batch_norm  # the population groups by it
+        assert all(m.spec.batch_norm == self.any_batch_norm for m in members)
+        hidden = self.L - 1 if self.any_batch_norm else 0
+        self.bn_scale = [torch.zeros(self.K, 1, self.H, **fp) for _ in range(hidden)]
+        self.bn_shift = [torch.zeros(self.K, 1, self.H, **fp) for _ in range(hidden)]
+        self.params = self.W + self.b + self.bn_scale + self.bn_shift
+        self.running = [torch.zeros(self.K, 1, self.H, **fp) for _ in range(2 * hidden)]  # means, variances
+        self.state_buffers = self.running
         self.m = [torch.zeros_like(p) for p in self.params]  # Adam m, or SGD momentum buffer
         self.v = [torch.zeros_like(p) for p in self.params]
         for k, member in enumerate(members):
@@ -103,37 +130,48 @@ class MLPGroup(Group):
 
     # -- moving member state in and out of the stacked tensors --------------------------------
 
-    def _layer_map(self, member: Member) -> list[int]:
-        """Member layer j -> group layer: hidden layers keep their index, the output layer is last."""
-        n = member.spec.num_layers
-        return list(range(n - 1)) + [self.L - 1]
+    def _param_slots(self, member: Member) -> list[tuple[int, tuple[int, int]]]:
+        """Where each of the member's parameters (weights, biases, then batch-norm scales and
+        shifts: the order of its state["params"]) lives in self.params, and its shape. Hidden
+        layers keep their index in the group, the output layer is the group's last."""
+        widths, n, L = member.spec.widths, member.spec.num_layers, self.L
+        layers = list(enumerate(list(range(n - 1)) + [L - 1]))
+        slots = [(g, (widths[j], widths[j + 1])) for j, g in layers]
+        slots += [(L + g, (1, widths[j + 1])) for j, g in layers]
+        if self.any_batch_norm:
+            hidden = [(j, (1, widths[j + 1])) for j in range(n - 1)]
+            slots += [(2 * L + j, shape) for j, shape in hidden] + [(3 * L - 1 + j, shape) for j, shape in hidden]
+        return slots
+
+    def _running_slots(self, member: Member) -> list[tuple[int, tuple[int, int]]]:
+        """The same for the batch-norm running means, then variances, in self.running."""
+        widths, L = member.spec.widths, self.L
+        hidden = [(j, (1, widths[j + 1])) for j in range(member.spec.num_layers - 1)] if self.any_batch_norm else []
+        return hidden + [(L - 1 + j, shape) for j, shape in hidden]
+
+    def _member_tensors(self, member: Member):
+        """(state key, group tensors, slots) for everything a member keeps between groups."""
+        params = self._param_slots(member)
+        return (("params", self.params, params), ("m", self.m, params), ("v", self.v, params),
+                ("running", self.running, self._running_slots(member)))
 
     def _load_member(self, k: int, member: Member) -> None:
         with torch.no_grad():
             if member.state is None:
                 init = init_member(member.config, member.spec)
-                member.state = {"params": [w for w, _ in init] + [b.view(1, -1) for _, b in init]}
-            state, n = member.state, member.spec.num_layers
-            for name, tensors in (("params", self.params), ("m", self.m), ("v", self.v)):
-                if name not in state:
-                    continue
-                src = state[name]
-                for j, g in enumerate(self._layer_map(member)):
-                    for src_t, dst in ((src[j], tensors[g]), (src[n + j], tensors[self.L + g])):
-                        dst[k, : src_t.shape[0], : src_t.shape[1]] = src_t.to(self.device, self.dtype)
+                norm_params, running = init_batch_norm(member.spec)
+                member.state = {"params": [w for w, _ in init] + [b.view(1, -1) for _, b in init] + norm_params,
+                                "running": running}
+            for name, tensors, slots in self._member_tensors(member):
+                for src, (g, (rows, cols)) in zip(member.state.get(name, ()), slots):
+                    tensors[g][k, :rows, :cols] = src.to(self.device, self.dtype)
 
     def save_member(self, k: int) -> None:
         """Copy member k's slice out, so the group can be rebuilt without it losing anything."""
         member = self.members[k]
-        widths = member.spec.widths
-        state = {}
         with torch.no_grad():
-            for name, tensors in (("params", self.params), ("m", self.m), ("v", self.v)):
-                layers = list(enumerate(self._layer_map(member)))
-                ws = [tensors[g][k, : widths[j], : widths[j + 1]].detach().clone() for j, g in layers]
-                bs = [tensors[self.L + g][k, :, : widths[j + 1]].detach().clone() for j, g in layers]
-                state[name] = ws + bs
-        member.state = state
+            member.state = {name: [tensors[g][k, :rows, :cols].detach().clone() for g, (rows, cols) in slots]
+                            for name, tensors, slots in self._member_tensors(member)}
         member.steps = int(self.step_count[k].item())
 
     def to_model(self, k: int) -> NeuralNetwork:
@@ -145,6 +183,23 @@ class MLPGroup(Group):
     def _forward(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         return self.dense(x, train)
 
+    def _batch_norm(self, z: torch.Tensor, layer: int, train: bool) -> torch.Tensor:
+        """nn.BatchNorm1d on hidden layer `layer`'s [K, rows, H] pre-activations, per member. In
+        training: statistics over the step's real rows (`step_rows`: the last batch's padding
+        rows left out), and the running ones updated as torch does (the variance unbiased)."""
+        hidden = self.L - 1
+        if train:
+            rows = self.step_rows  # [1, B, 1] of 0/1
+            n = rows.sum()
+            mean = (z * rows).sum(1, keepdim=True) / n
+            var = ((z - mean).square() * rows).sum(1, keepdim=True) / n
+            with torch.no_grad():
+                self.running[layer].lerp_(mean, BN_MOMENTUM)
+                self.running[hidden + layer].lerp_(var * (n / (n - 1).clamp(min=1)), BN_MOMENTUM)
+        else:
+            mean, var = self.running[layer], self.running[hidden + layer]
+        return (z - mean) * torch.rsqrt(var + BN_EPS) * self.bn_scale[layer] + self.bn_shift[layer]
+
 
 def copy_linears(model_linears: list[torch.nn.Linear], params: list[torch.Tensor], n: int) -> None:
     """Member state (weights [fan_in, fan_out], biases [1, fan_out]) into nn.Linear layers."""
@@ -154,8 +209,24 @@ def copy_linears(model_linears: list[torch.nn.Linear], params: list[torch.Tensor
             linear.bias.copy_(params[n + j].view(-1).float())
 
 
+def copy_batch_norms(norms: list[torch.nn.BatchNorm1d], params: list[torch.Tensor], running: list[torch.Tensor],
+                     steps: int) -> None:
+    """Member batch-norm state (scales then shifts; running means then variances) into the modules."""
+    h = len(norms)
+    with torch.no_grad():
+        for j, norm in enumerate(norms):
+            norm.weight.copy_(params[j].view(-1).float())
+            norm.bias.copy_(params[h + j].view(-1).float())
+            norm.running_mean.copy_(running[j].view(-1).float())
+            norm.running_var.copy_(running[h + j].view(-1).float())
+            norm.num_batches_tracked.fill_(steps)
+
+
 def member_model(member: Member) -> NeuralNetwork:
     """A standalone nn.Module with the member's current weights (float32, CPU)."""
     model = NeuralNetwork.from_spec(member.spec)
-    copy_linears(model.linears(), member.state["params"], member.spec.num_layers)
+    n = member.spec.num_layers
+    params = member.state["params"]
+    copy_linears(model.linears(), params, n)
+    copy_batch_norms(model.batch_norms(), params[2 * n:], member.state.get("running", []), member.steps)
     return model.eval()

@@ -115,12 +115,14 @@ class PopulationTrainer:
         return ("mlp",) + self._mlp_group_key(config)
 
     def _mlp_group_key(self, config: TrainConfig) -> tuple:
-        # A 1-layer model has no hidden layer to pad through, so it never shares a group.
+        # A 1-layer model has no hidden layer to pad through, so it never shares a group; members
+        # with batch norm share only with each other (a group normalizes all or none).
+        common = (config.batch_size, config.batch_norm)
         if self.grouping == "shape":
-            return (config.batch_size, config.num_layers, config.layer_size)
+            return common + (config.num_layers, config.layer_size)
         if self.grouping == "width":
-            return (config.batch_size, config.num_layers == 1, (config.layer_size - 1).bit_length())
-        return (config.batch_size, config.num_layers == 1)
+            return common + (config.num_layers == 1, (config.layer_size - 1).bit_length())
+        return common + (config.num_layers == 1,)
 
     def add(self, key: Hashable, config: TrainConfig) -> None:
         if key in self._members:
