@@ -167,6 +167,10 @@ class Group:
         rate = rate.view(shape)
         return a * ((u >= rate).to(a.dtype) / (1.0 - rate))
 
+    def _batch_norm(self, z: torch.Tensor, layer: int, train: bool) -> torch.Tensor:
+        """Hidden layer `layer`'s pre-activations normalized (a family with `any_batch_norm`)."""
+        raise NotImplementedError
+
     def dense(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         """The Linear layers self.W / self.b on [K, rows, features] (an MLP, or a CNN's head).
 
@@ -192,9 +196,6 @@ class Group:
         raise AssertionError("unreachable")
 
     # -- the step ------------------------------------------------------------------------------
-
-    def _batch_norm(self, z: torch.Tensor, layer: int, train: bool) -> torch.Tensor:
-        raise NotImplementedError
 
     def forward(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         if self.autocast_bf16:  # no autocast weight cache: it does not mix with CUDA graphs
