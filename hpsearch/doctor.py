@@ -36,6 +36,10 @@ CHECK_CONFIGS = {
     "mlp": (dict(num_layers=3, layer_size=128, dropout=0.1, augment_rotate=10.0, augment_shift=2.0,
                  schedule="cosine", seed=1),
             dict(num_layers=2, layer_size=64, optimizer="sgd", lr=0.01, label_smoothing=0.1, seed=2)),
+    # the default space's MLPs: batch norm (checked as a kind of its own), padded in depth and width
+    "mlp-bn": (dict(num_layers=3, layer_size=128, dropout=0.1, batch_norm=True, augment_shift=1.0,
+                    schedule="cosine", label_smoothing=0.1, seed=5),
+               dict(num_layers=2, layer_size=64, optimizer="sgd", lr=0.01, batch_norm=True, seed=6)),
     "cnn": (dict(family="cnn", conv_blocks=2, channels=16, num_layers=2, layer_size=64, conv_dropout=0.1,
                  augment_shift=2.0, seed=3),
             dict(family="cnn", conv_blocks=2, channels=16, num_layers=2, layer_size=64, optimizer="sgd",

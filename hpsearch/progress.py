@@ -4,6 +4,7 @@ prefixed lines for `--workers` children (`WorkerReporter`). Both implement searc
 from __future__ import annotations
 
 import json
+import math
 import time
 
 from rich.console import Console
@@ -50,7 +51,7 @@ class RichReporter:
                                            completed=min(already, settings.trial_target),
                                            info=_best_text(best))
         if settings.trials is None:  # --timeout alone bounds the run: its bar is the time
-            self._started, self._timeout = time.monotonic(), round(settings.timeout)
+            self._started, self._timeout = time.monotonic(), math.ceil(settings.timeout)
             self.time_task = self.progress.add_task("seconds", total=self._timeout, info="of search")
         # The epochs of the trials in training: a long trial shows it is moving.
         self.epoch_task = self.progress.add_task("epochs", total=settings.epochs, visible=False, info="")
@@ -59,7 +60,8 @@ class RichReporter:
     def _tick(self) -> None:
         if self.time_task is not None:
             # past the timeout the last trials may still be completing: the bar stays full
-            self.progress.update(self.time_task, completed=min(self._timeout, round(time.monotonic() - self._started)))
+            elapsed = math.floor(time.monotonic() - self._started)
+            self.progress.update(self.time_task, completed=min(self._timeout, elapsed))
 
     def epochs_done(self, running):
         self._tick()
@@ -94,6 +96,7 @@ class RichReporter:
 
     def finish(self, summary):
         if self.progress is not None:
+            self._tick()  # the time bar moves on events only: bring it up to date
             self.progress.stop()
         best = f"{summary.best_value:.4f} (trial {summary.best_trial})" if summary.best_value is not None else "-"
         self.console.print(

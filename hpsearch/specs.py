@@ -82,7 +82,8 @@ class Architecture:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         _one_of("family", self.family, FAMILIES)
-        _one_of("batch_norm", self.batch_norm, (False, True))
+        if type(self.batch_norm) is not bool:  # 1 == True, but a checkpoint must store a bool
+            raise ValueError(f"batch_norm must be true or false, got {self.batch_norm!r}")
         if self.batch_norm and self.family != "mlp":
             raise ValueError("batch_norm is for the mlp family only")
         if not 1 <= self.conv_blocks <= MAX_CONV_BLOCKS:
@@ -166,7 +167,8 @@ class ModelSpec(Architecture):
         for channels in self.conv_channels:
             conv += channels * h * w
             h, w = h // 2, w // 2
-        normalized = sum(self.widths[1:-1]) if self.batch_norm else 0  # batch norm keeps its output too
+        # batch norm: its backward keeps a few more values per hidden unit (centred, normalized, ...)
+        normalized = 3 * sum(self.widths[1:-1]) if self.batch_norm else 0
         return self.in_features + conv + sum(self.widths[1:]) + normalized
 
     def param_count(self) -> int:

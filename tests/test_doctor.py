@@ -88,7 +88,7 @@ def test_gpu_self_check_section_reports_each_family(cpu_graphs):
     section = doctor.run_graph_checks(torch.device("cpu"), ["fp32"])
     assert section["status"] == "passed" and section["message"] == "passed: training replays CUDA graphs"
     assert [(c["precision"], c["family"], c["passed"], c["path"]) for c in section["checks"]] == [
-        ("fp32", "mlp", True, "cuda-graph"), ("fp32", "cnn", True, "cuda-graph")]
+        ("fp32", "mlp", True, "cuda-graph"), ("fp32", "mlp-bn", True, "cuda-graph"), ("fp32", "cnn", True, "cuda-graph")]
     report = {"hpsearch": "x", "versions": doctor.versions(), "platform": doctor.machine(), "cuda": doctor.cuda_devices(),
               "graph_check": section, "throughput": {"error": "skipped"}}
     assert "  fp32 cnn: passed (max rel diff 0.0e+00, tolerance 1e-03); trains on cuda-graph" in \
@@ -104,7 +104,7 @@ def test_gpu_self_check_section_reports_a_failure(cpu_graphs):
     cpu_graphs["step"] = nudged
     section = doctor.run_graph_checks(torch.device("cpu"), ["fp32"])
     assert section["status"] == "failed"
-    assert section["message"] == "FAILED for fp32 mlp, fp32 cnn: those train eagerly (slower, still correct)"
+    assert section["message"] == "FAILED for fp32 mlp, fp32 mlp-bn, fp32 cnn: those train eagerly (slower, still correct)"
     for check in section["checks"]:
         assert not check["passed"] and check["path"] == "eager (graph check failed)"
         assert check["notes"] == [f"CUDA graph check failed on cpu (fp32, {check['family']}; {check['summary']}): "

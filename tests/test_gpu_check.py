@@ -197,6 +197,21 @@ def test_a_graph_that_passes_trains_every_group_and_is_checked_once(fashion_smal
     assert verdicts[("cpu", "fp32", "mlp")].passed and graphs.recorded == 2  # both groups recorded
 
 
+def test_a_batch_norm_group_is_checked_as_a_kind_of_its_own_and_leaves_no_trace(fashion_small, monkeypatch,
+                                                                                 verdicts):
+    """The check steps twice from one state (graph, then eager) and puts the state back: running
+    statistics included, or the trained members would differ from eager training."""
+    configs = {"bn": TrainConfig(num_layers=3, layer_size=32, dropout=0.1, batch_norm=True, epochs=2, seed=4),
+               "bn-sgd": TrainConfig(num_layers=2, layer_size=16, optimizer="sgd", lr=0.05, batch_norm=True,
+                                     epochs=2, seed=5)}
+    eager = train(fashion_small, graphs=False, configs=configs)
+    FakeGraphs(monkeypatch)
+    run = train(fashion_small, graphs=True, configs=configs)
+    assert run[2] == [] and set(verdicts) == {("cpu", "fp32", "mlp-bn")} and verdicts[("cpu", "fp32", "mlp-bn")].passed
+    assert {r.train_path for rs in run[0].values() for r in rs} == {CUDA_GRAPH}
+    assert_same_training(run, eager)
+
+
 @pytest.mark.parametrize("broken", [nudged, without_update], ids=["adds-1e-3-to-a-weight", "skips-the-update"])
 def test_a_graph_that_disagrees_is_dropped_for_eager_training_with_one_note(fashion_small, monkeypatch, verdicts,
                                                                          eager_run, broken):

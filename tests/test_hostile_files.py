@@ -178,6 +178,8 @@ def test_bad_image_shape_is_one_line(world, tmp_path, monkeypatch, capsys, shape
     ({"num_classes": 11}, ("10 class names for 11 outputs",)),
     ({"batch_norm": "yes"}, ("batch_norm 'yes'",)),
     ({"batch_norm": True}, ("51,018 parameters", "stores 50,890")),  # a scale and a shift per hidden unit more
+    ({"batch_norm": 1}, ("batch_norm 1",)),
+    ({"family": "cnn", "batch_norm": True}, ("batch_norm is for the mlp family",)),
 ])
 def test_spec_that_does_not_fit_the_file_is_one_line(world, tmp_path, monkeypatch, capsys, spec, words):
     path = hostile(world, tmp_path, "bad.pt", spec=spec)

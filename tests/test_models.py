@@ -37,3 +37,14 @@ def test_spec_round_trips_and_validates():
         ModelSpec(activation="gelu")
     with pytest.raises(ValueError):
         ModelSpec(num_layers=0)
+    with pytest.raises(ValueError, match="true or false"):
+        ModelSpec(batch_norm=1)  # 1 == True, but a checkpoint's spec must hold a bool
+    with pytest.raises(ValueError, match="mlp family only"):
+        ModelSpec(family="cnn", batch_norm=True)
+
+
+def test_batch_norm_sits_between_each_hidden_linear_and_its_activation():
+    model = NeuralNetwork(num_layers=3, layer_size=16, activation="relu", dropout=0.1, batch_norm=True)
+    kinds = [type(m).__name__ for m in model.layers]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Dropout"] * 2 + ["Linear"]
+    assert model.spec.param_count() == sum(p.numel() for p in model.parameters())

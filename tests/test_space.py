@@ -71,6 +71,8 @@ def test_packaged_default_when_no_local_file(tmp_path, monkeypatch):
     ("[params.batch_norm]\ntype='int'\nlow=0\nhigh=1", "a categorical parameter"),
     ("[params.lr]\ntype='float'\nlow=0.1\nhigh=0.2\n[fixed]\nbatch_norm=1", "batch_norm must be bool"),
     ("[params.lr]\ntype='float'\nlow=0.1\nhigh=0.2\n[fixed]\nfamily='cnn'\nbatch_norm=true", "only applies to the mlp"),
+    ("[params.family]\ntype='categorical'\nchoices=['mlp','cnn']\n[params.batch_norm]\ntype='categorical'\n"
+     "choices=[false,true]", "only applies to the mlp"),
 ])
 def test_malformed_spaces_are_refused(text, match):
     with pytest.raises(SpaceError, match=match):

@@ -186,7 +186,8 @@ class MLPGroup(Group):
     def _batch_norm(self, z: torch.Tensor, layer: int, train: bool) -> torch.Tensor:
         """nn.BatchNorm1d on hidden layer `layer`'s [K, rows, H] pre-activations, per member. In
         training: statistics over the step's real rows (`step_rows`: the last batch's padding
-        rows left out), and the running ones updated as torch does (the variance unbiased)."""
+        rows left out), and the running ones updated as torch does (the variance unbiased). A
+        last batch of one row, which nn.BatchNorm1d refuses, gives each unit its shift."""
         hidden = self.L - 1
         if train:
             rows = self.step_rows  # [1, B, 1] of 0/1

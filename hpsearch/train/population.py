@@ -179,8 +179,10 @@ class PopulationTrainer:
 
     def _capture_graph(self, group: Group) -> str:
         """The process's first graph of a kind is checked against the eager step (graphcheck.py):
-        convolutions and matmuls are different kernels under capture, so each family has its own."""
-        kind = (device_key(self.device), self.precision, "cnn" if isinstance(group, ConvGroup) else "mlp")
+        convolutions and matmuls are different kernels under capture, so each family has its own, and
+        an MLP with batch norm (its statistics are more kernels) its own too."""
+        family = "cnn" if isinstance(group, ConvGroup) else "mlp-bn" if group.any_batch_norm else "mlp"
+        kind = (device_key(self.device), self.precision, family)
         return checked_capture(group, kind, self.note)
 
     def run_epoch(self) -> list[EpochResult]:
