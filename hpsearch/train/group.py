@@ -214,6 +214,7 @@ class Group:
             x = augment(x, self.data.image_shape, -self.data.mean / self.data.std, self)
         if self.any_batch_norm:  # batch statistics leave out the last batch's padding rows
             self.step_rows = self.row_real.index_select(0, self.step_index).unsqueeze(-1)
+            self.step_row_count = self.rows_per_step.index_select(0, self.step_index)  # once, not per layer
         logits = self.forward(x, train=True)
         member_loss = (self._training_loss(logits, y) * row_w).sum(1)  # each member's mean over its real rows
         grads = torch.autograd.grad(member_loss.sum(), self.params)

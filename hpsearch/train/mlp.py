@@ -138,16 +138,19 @@ class MLPGroup(Group):
         layers = list(enumerate(list(range(n - 1)) + [L - 1]))
         slots = [(g, (widths[j], widths[j + 1])) for j, g in layers]
         slots += [(L + g, (1, widths[j + 1])) for j, g in layers]
-        if self.any_batch_norm:
-            hidden = [(j, (1, widths[j + 1])) for j in range(n - 1)]
-            slots += [(2 * L + j, shape) for j, shape in hidden] + [(3 * L - 1 + j, shape) for j, shape in hidden]
-        return slots
+        return slots + self._norm_slots(member, first=2 * L, second=3 * L - 1)  # after the L - 1 scales
 
     def _running_slots(self, member: Member) -> list[tuple[int, tuple[int, int]]]:
         """The same for the batch-norm running means, then variances, in self.running."""
-        widths, L = member.spec.widths, self.L
-        hidden = [(j, (1, widths[j + 1])) for j in range(member.spec.num_layers - 1)] if self.any_batch_norm else []
-        return hidden + [(L - 1 + j, shape) for j, shape in hidden]
+        return self._norm_slots(member, first=0, second=self.L - 1)
+
+    def _norm_slots(self, member: Member, first: int, second: int) -> list[tuple[int, tuple[int, int]]]:
+        """A [1, width] slot per hidden layer j at `first + j`, then another at `second + j`
+        (scales then shifts, or means then variances); none without batch norm."""
+        if not self.any_batch_norm:
+            return []
+        shapes = [(1, width) for width in member.spec.widths[1:-1]]
+        return [(first + j, s) for j, s in enumerate(shapes)] + [(second + j, s) for j, s in enumerate(shapes)]
 
     def _member_tensors(self, member: Member):
         """(state key, group tensors, slots) for everything a member keeps between groups."""
@@ -190,8 +193,7 @@ class MLPGroup(Group):
         last batch of one row, which nn.BatchNorm1d refuses, gives each unit its shift."""
         hidden = self.L - 1
         if train:
-            rows = self.step_rows  # [1, B, 1] of 0/1
-            n = rows.sum()
+            rows, n = self.step_rows, self.step_row_count  # [1, B, 1] of 0/1, and their sum
             mean = (z * rows).sum(1, keepdim=True) / n
             var = ((z - mean).square() * rows).sum(1, keepdim=True) / n
             with torch.no_grad():
