@@ -76,7 +76,7 @@ class RichReporter:
 
     def trial_finished(self, outcome, best, done):
         p = outcome.params
-        shape = describe_shape(p)
+        shape = outcome.shape or describe_shape(p)
         opt = (f"{p['optimizer']} " if "optimizer" in p else "") + \
             f"lr={p.get('lr', 0):.2g} wd={p.get('weight_decay', 0):.1g} bs={p.get('batch_size', '')}"
         state = "[green]complete[/]" if outcome.state == "COMPLETE" else f"[yellow]{outcome.reason or 'pruned'}[/]"

@@ -27,7 +27,7 @@ from . import __version__
 from .config import RunSettings, device_label, population_size, resolve_device, resolve_grouping
 from .data import Dataset, load_dataset
 from .errors import HPSearchError, Interrupted, as_user_error, first_line
-from .specs import TrainConfig
+from .specs import TrainConfig, describe_shape
 from .study import (COMPLETED, OPTUNA_VERSION, AskedTrial, StudySession, TrialRecord, TrialTaken, continue_settings,
                     liveness_settings, redact)
 from .train import TRAINER_VERSION, EpochResult, PopulationTrainer
@@ -49,6 +49,7 @@ class TrialOutcome:
     params: dict
     reason: str | None = None
     retry_of: int | None = None  # the trial whose parameters and seed this one runs again
+    shape: str = ""  # the network, fixed settings included ("3x920 bn relu": batch norm is fixed by the space)
 
 
 @dataclass(frozen=True)
@@ -348,7 +349,8 @@ class SearchLoop:
         self.trials_run += 1
         counts = self.session.counts()
         outcome = TrialOutcome(number, verdict.state, result.val_acc, result.epoch, run.seconds_per_epoch,
-                               run.asked.params, verdict.reason, run.asked.retry_of)
+                               run.asked.params, verdict.reason, run.asked.retry_of,
+                               describe_shape(run.asked.config.to_dict()))
         self.reporter.trial_finished(outcome, counts.best, counts.finished)
 
     def _out_of_memory(self, exc: RuntimeError) -> None:

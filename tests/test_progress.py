@@ -48,3 +48,16 @@ def test_a_trial_target_is_the_bar_and_no_time_bar_is_added(monkeypatch):
         assert task(reporter, reporter.task).total == 20
     finally:
         reporter.interrupted("")
+
+
+def test_a_trial_line_shows_the_network_with_its_fixed_settings(monkeypatch):
+    from hpsearch.search import TrialOutcome
+
+    reporter = started(RunSettings(trials=2, storage="sqlite:///x.db"), monkeypatch, [0.0])
+    try:
+        reporter.trial_finished(TrialOutcome(0, "COMPLETE", 0.91, 20, 4.7, {"lr": 5e-4, "batch_size": 128},
+                                             shape="3x920 bn relu"), 0.91, 1)
+        printed = reporter.progress.console.file.getvalue()
+        assert "3x920 bn relu" in printed and "lr=0.0005" in printed
+    finally:
+        reporter.interrupted("")

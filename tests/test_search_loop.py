@@ -161,6 +161,17 @@ class Recorder(Reporter):
         self.messages.append(message)
 
 
+def test_a_trial_line_names_the_fixed_settings_of_its_network():
+    """The space fixes batch norm (not sampled): the trial's line still says "bn"."""
+    session = FakeSession(target=1, epochs=2)
+    asked = session.ask
+    session.ask = lambda: (lambda a: a and AskedTrial(a.number, TrainConfig(
+        num_layers=3, layer_size=920, batch_norm=True, epochs=2, seed=a.number), a.params))(asked())
+    loop, reporter = make_loop(session, FakeTrainer())
+    loop.execute()
+    assert [o.shape for o in reporter.finished] == ["3x920 bn relu"]
+
+
 class Clock:
     def __init__(self):
         self.now = 0.0
