@@ -88,6 +88,31 @@ def test_batched_optimizer_matches_torch_optim(fashion_small, optimizer, schedul
         assert torch.allclose(a.double(), b.double(), rtol=1e-7, atol=1e-9), (a - b).abs().max()
 
 
+def _bn_group(data, batch_size: int):
+    trainer = PopulationTrainer(data, dtype=torch.float64)
+    trainer.add(0, TrainConfig(num_layers=3, layer_size=32, batch_norm=True, batch_size=batch_size, epochs=1, seed=3))
+    trainer._rebuild()
+    (group,) = trainer._groups.values()
+    return group
+
+
+def test_batch_norm_kernel_for_whole_batches_only(fashion_small, monkeypatch):
+    """On a CPU full batches go through torch's batch-norm kernel, the partial last one through
+    the masked statistics over its real rows; both give the same step (float64)."""
+    fused, masked = _bn_group(fashion_small, 1024), _bn_group(fashion_small, 1024)  # 3,600 rows: 3 full + 528
+    assert fused.native_norm  # on a CPU
+    seen = []
+    step = fused.step
+    monkeypatch.setattr(fused, "step", lambda: (seen.append(fused.whole_batch), step())[1])
+    plain = masked.step
+    monkeypatch.setattr(masked, "step", lambda: (setattr(masked, "whole_batch", False), plain())[1])
+    fused.train_epoch()
+    masked.train_epoch()
+    assert seen == [True, True, True, False] and not fused.whole_batch
+    for a, b in zip([*fused.params, *fused.running], [*masked.params, *masked.running]):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-10), (a - b).abs().max()
+
+
 def test_last_partial_batch_is_used(fashion_small):
     # 3600 training images at batch 1024: 3 full batches and one of 528, averaged over its own size
     trainer = PopulationTrainer(fashion_small)

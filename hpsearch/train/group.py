@@ -36,6 +36,10 @@ class Group:
     any_passthrough = False
     any_batch_norm = False  # a family that normalizes sets it and supplies `_batch_norm`
     state_buffers: list[torch.Tensor] = []  # state a step updates besides params, m and v (running statistics)
+    # True while an eager step's batch has no padding rows (every batch but a partial last one):
+    # batch norm may then use torch's own kernel over all rows. Always False for a recorded CUDA
+    # graph, which replays one step for every batch (the masked statistics).
+    whole_batch = False
 
     def __init__(self, members: list, data: Dataset, train_x: torch.Tensor,
                  device: torch.device, dtype: torch.dtype, use_graphs: bool, precision: str = "fp32"):
@@ -291,11 +295,16 @@ class Group:
         done = 0
         if self.use_graphs and self.graph is None:
             done = self._capture()
-        for _ in range(done, S):
-            if self.graph is not None:
-                self.graph.replay()
-            else:
-                self.step()
+        partial_last = n % B != 0
+        try:
+            for i in range(done, S):
+                if self.graph is not None:
+                    self.graph.replay()
+                else:
+                    self.whole_batch = not (partial_last and i == S - 1)
+                    self.step()
+        finally:
+            self.whole_batch = False
         for m in self.members:
             m.epoch += 1
         return self.loss_sum / n, self.correct_sum / n
