@@ -10,6 +10,8 @@ training split unless --subset is given:
   halving, hyperband, margin  (on request) the default study with --pruner halving / hyperband /
             median-margin
   gp        (on request) the default study with --sampler gp
+  cnn       (on request) the study of the CNN space (`hpsearch run --space cnn`, its own starts):
+            the other family at the same budget, against the same MLP starts
 and once, for reference:
   starts    the space's [[start]] configurations, each trained alone for the full epoch budget
             (the same seeds as in a study, so the same models)
@@ -36,7 +38,9 @@ METHODS = {"default": [], "random": ["--sampler", "random", "--no-start"],
            "halving": ["--pruner", "halving"], "hyperband": ["--pruner", "hyperband"],
            "margin": ["--pruner", "median-margin"],
            # the default study with Optuna's Gaussian-process sampler (needs scipy: pip install -e .[gp])
-           "gp": ["--sampler", "gp"]}
+           "gp": ["--sampler", "gp"],
+           # the CNN family's shipped space and starts (--methods default,cnn: which family per minute)
+           "cnn": ["--space", "cnn"]}
 
 
 def _hpsearch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
