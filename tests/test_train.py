@@ -99,17 +99,16 @@ def _bn_group(data, batch_size: int):
 def test_batch_norm_kernel_for_whole_batches_only(fashion_small, monkeypatch):
     """On a CPU full batches go through torch's batch-norm kernel, the partial last one through
     the masked statistics over its real rows; both give the same step (float64)."""
-    fused, masked = _bn_group(fashion_small, 1024), _bn_group(fashion_small, 1024)  # 3,600 rows: 3 full + 528
-    assert fused.native_norm  # on a CPU
-    seen = []
-    step = fused.step
-    monkeypatch.setattr(fused, "step", lambda: (seen.append(fused.whole_batch), step())[1])
-    plain = masked.step
-    monkeypatch.setattr(masked, "step", lambda: (setattr(masked, "whole_batch", False), plain())[1])
-    fused.train_epoch()
+    native, masked = _bn_group(fashion_small, 1024), _bn_group(fashion_small, 1024)  # 3,600 rows: 3 full + 528
+    assert native.use_native_batch_norm  # on a CPU
+    masked.use_native_batch_norm = False
+    calls = []
+    kernel = native._batch_norm_whole
+    monkeypatch.setattr(native, "_batch_norm_whole", lambda z, layer: (calls.append(layer), kernel(z, layer))[1])
+    native.train_epoch()
     masked.train_epoch()
-    assert seen == [True, True, True, False] and not fused.whole_batch
-    for a, b in zip([*fused.params, *fused.running], [*masked.params, *masked.running]):
+    assert calls == [0, 1] * 3 and not native.whole_batch  # 3 full batches x 2 hidden layers
+    for a, b in zip([*native.params, *native.running], [*masked.params, *masked.running]):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-10), (a - b).abs().max()
 
 

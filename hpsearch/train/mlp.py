@@ -89,8 +89,9 @@ class MLPGroup(Group):
     """MLP members with one batch size; padded to the deepest and widest member."""
 
     # Batch norm on a batch without padding rows through torch's kernel, member by member (see
-    # `_batch_norm_whole`). None = auto: on a CPU. Off on a GPU, where the loop would be K
-    # launches per layer and a recorded graph replays the masked statistics anyway.
+    # `_batch_norm_whole`). None = auto: on a CPU, the only place it was measured. Off on a GPU
+    # (eager or graph), where the loop would be K launches per layer and a recorded graph replays
+    # the masked statistics anyway.
     native_batch_norm: bool | None = None
 
     def _init_parameters(self) -> None:
@@ -104,8 +105,8 @@ class MLPGroup(Group):
         self.W = [torch.zeros(self.K, a, b, **fp) for a, b in zip(widths[:-1], widths[1:])]
         self.b = [torch.zeros(self.K, 1, b, **fp) for b in widths[1:]]
         self.any_batch_norm = members[0].spec.batch_norm  # the population groups by it
-        native = self.native_batch_norm
-        self.native_norm = self.device.type == "cpu" if native is None else native
+        chosen = self.native_batch_norm
+        self.use_native_batch_norm = self.device.type == "cpu" if chosen is None else chosen
         assert all(m.spec.batch_norm == self.any_batch_norm for m in members)
         hidden = self.L - 1 if self.any_batch_norm else 0
         self.bn_scale = [torch.zeros(self.K, 1, self.H, **fp) for _ in range(hidden)]
@@ -197,10 +198,11 @@ class MLPGroup(Group):
     def _batch_norm(self, z: torch.Tensor, layer: int, train: bool) -> torch.Tensor:
         """nn.BatchNorm1d on hidden layer `layer`'s [K, rows, H] pre-activations, per member. In
         training: statistics over the step's real rows (`step_rows`: the last batch's padding
-        rows left out), and the running ones updated as torch does (the variance unbiased). A
+        rows left out), and the running ones updated as torch does (the variance unbiased); on a
+        CPU a batch without padding rows goes through torch's kernel instead (same numbers). A
         last batch of one row, which nn.BatchNorm1d refuses, gives each unit its shift."""
         hidden = self.L - 1
-        if train and self.whole_batch and self.native_norm and z.shape[1] > 1:
+        if train and self.whole_batch and self.use_native_batch_norm and z.shape[1] > 1:
             return self._batch_norm_whole(z, layer)
         if train:
             rows, n = self.step_rows, self.step_row_count  # [1, B, 1] of 0/1, and their sum
@@ -218,8 +220,9 @@ class MLPGroup(Group):
         member on its [B, H] rows (so a member gets the same rounding alone and in a population:
         one kernel over all K*H columns summed in another order, and float32 members drifted
         apart by 0.1 in a logit after 3 epochs), running statistics updated in place. Forward and
-        backward with the ReLU and next layer took 0.4-0.6x the masked sums' time for one member
-        of 128x920 on 2 CPU cores, about the same for four of 128x512 (one run)."""
+        backward with the ReLU and next layer took 0.4-0.6x the masked sums' time on 2 CPU cores
+        for one member of 128x920 and for four of 128x512 (one run); a whole epoch of one 3x920
+        member 0.88x."""
         hidden = self.L - 1
         return torch.stack([
             F.batch_norm(z[k], self.running[layer][k, 0], self.running[hidden + layer][k, 0],

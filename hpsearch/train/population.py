@@ -28,7 +28,7 @@ from .mlp import Member, MLPGroup, member_model
 # Bump when a change alters the numbers a given config and seed train to (init, shuffling,
 # dropout streams, optimizer arithmetic): recorded per trial, so a report can tell why a retrained
 # best model no longer reproduces a study's value.
-TRAINER_VERSION = 2
+TRAINER_VERSION = 3  # 3: batch norm through torch's kernel for full batches on a CPU (other float32 rounding)
 
 
 @dataclass
