@@ -220,9 +220,9 @@ class MLPGroup(Group):
         member on its [B, H] rows (so a member gets the same rounding alone and in a population:
         one kernel over all K*H columns summed in another order, and float32 members drifted
         apart by 0.1 in a logit after 3 epochs), running statistics updated in place. Forward and
-        backward with the ReLU and next layer took 0.4-0.6x the masked sums' time on 2 CPU cores
-        for one member of 128x920 and for four of 128x512 (one run); a whole epoch of one 3x920
-        member 0.88x."""
+        backward with the ReLU and next layer took 0.5-0.6x the masked sums' time on 2 CPU cores
+        for one member of 128x920, 0.6-1.0x for four of 128x512 or 256x256; a whole epoch of one
+        3x920 member 0.88-0.95x (two runs)."""
         hidden = self.L - 1
         return torch.stack([
             F.batch_norm(z[k], self.running[layer][k, 0], self.running[hidden + layer][k, 0],
