@@ -209,7 +209,7 @@ def test_cnn_study_runs_reports_and_records_its_family(fashion_dir, tmp_path, mo
     code, out, err = cli(["run", "--space", "cnn", "--subset", "800", "--trials", "3", "--epochs", "1", "--study", "c",
                           "--storage", storage, "--data-dir", str(fashion_dir), "--device", "cpu"], monkeypatch, capsys)
     assert code in (0, None), err
-    assert "cnn 2x32c k3 max + 2x128 relu" in out  # the tutorial CNN [[start]], described as a CNN
+    assert "cnn 2x32c k3 max + 2x128 relu" in out  # the first [[start]], described as a CNN
     code, out, err = cli(["report", "--study", "c", "--storage", storage, "--data-dir", str(fashion_dir),
                           "--out", str(tmp_path / "r")], monkeypatch, capsys)
     assert code in (0, None), err
