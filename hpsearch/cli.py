@@ -198,14 +198,15 @@ def report(
     retrain: Optional[bool] = typer.Option(
         None, "--retrain/--no-retrain", show_default=False,
         help="--retrain: retrain the best trial (training split) and test it even if the folder's best_model.pt "
-             "is already its model; --no-retrain: neither retrain nor test. Default: retrain only when needed."),
+             "or the model the search kept is its model; --no-retrain: neither retrain nor test. "
+             "Default: retrain only when needed."),
     importance: str = typer.Option("ped-anova", help="Importance evaluator: ped-anova (Optuna's default) or fanova (needs scikit-learn)."),
     device: str = typer.Option("auto", help="Device for retraining: auto, cpu or cuda[:N]."),
     data_dir: Optional[str] = typer.Option(None, help="Where the study's dataset is, if not where the study says."),
     artifact: bool = typer.Option(True, "--artifact/--no-artifact",
                                   help="Also store the checkpoint as an Optuna artifact of the study (for optuna-dashboard)."),
 ) -> None:
-    """Report a study: charts, trials.csv, and the best model retrained, tested and saved."""
+    """Report a study: charts, trials.csv, and the best model (kept by the search, else retrained) tested and saved."""
     from .report import write_report
 
     index = write_report(study, storage, out, retrain=retrain, importance=importance, device=device,
@@ -245,7 +246,7 @@ def dashboard(
 
 @app.command()
 def export(
-    checkpoint: Optional[str] = typer.Option(None, help="An hpsearch checkpoint (default: the best trial's, made by `hpsearch report`)."),
+    checkpoint: Optional[str] = typer.Option(None, help="An hpsearch checkpoint (default: the best trial's, kept by `hpsearch run` or made by `hpsearch report`)."),
     fmt: str = typer.Option("onnx", "--format", help="pt (a checked copy of the checkpoint), torchscript or onnx."),
     out: Optional[str] = typer.Option(None, help="File to write (default: results/<study>/best_model.onnx, .ts for "
                                                  "torchscript, best_model.export.pt for pt; with --checkpoint, beside it)."),

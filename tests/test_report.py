@@ -145,15 +145,18 @@ def test_checkpoint_is_weights_only_and_stored_as_artifact(study_report):
     storage = study_report["storage"]
     study = optuna.load_study(study_name="t", storage=storage)
     metas = optuna.artifacts.get_all_artifact_meta(study)
-    assert [m.filename for m in metas] == [f"best_model_trial{study.best_trial.number}.pt"]
-    stored = artifact_dir(storage) / metas[0].artifact_id
+    # the models the search kept as trials finished, then the report's retrained one (newest)
+    assert metas[-1].filename == f"best_model_trial{study.best_trial.number}.pt"
+    for meta in metas[:-1]:
+        assert torch.load(artifact_dir(storage) / meta.artifact_id, weights_only=True)["meta"]["trained_by"] == "search"
+    stored = artifact_dir(storage) / metas[-1].artifact_id
     assert stored.parent == study_report["tmp"] / "studies" / "artifacts"
     assert stored.read_bytes() == path.read_bytes()
     assert find_study_checkpoint("t", storage) == stored
 
     # a second report of the unchanged study reuses the artifact, and --no-retrain writes no model
     again = write_report("t", storage, study_report["tmp"] / "again", retrain=True)
-    assert len(optuna.artifacts.get_all_artifact_meta(study)) == 1
+    assert len(optuna.artifacts.get_all_artifact_meta(study)) == len(metas)
     assert json.loads((again.parent / "best.json").read_text())["artifact"]["reused"] is True
     light = write_report("t", storage, study_report["tmp"] / "light", retrain=False)
     assert light.is_file() and not (light.parent / "best.json").exists() and not (light.parent / "best_model.pt").exists()

@@ -15,6 +15,7 @@ import torch
 
 from hpsearch.config import RunSettings
 from hpsearch.errors import HPSearchError, Interrupted
+from hpsearch.models import model_from_spec
 from hpsearch.search import Reporter, SearchLoop, Verdict, judge
 from hpsearch.specs import TrainConfig
 from hpsearch.study import AskedTrial, BestTrial, StudyCounts, TrialTaken
@@ -36,6 +37,7 @@ class FakeSession:
         self.reports: list[tuple] = []
         self.abandoned: tuple | None = None
         self.failed: dict[int, str] = {}
+        self.stored: dict[int, dict] = {}  # trial -> the meta of the model kept for it
         self.next_number = 0
 
     def __enter__(self):
@@ -98,6 +100,14 @@ class FakeSession:
         value, number = max(complete)
         return BestTrial(number, value, {})
 
+    def wants_model(self, number):
+        best = self.best()  # no [[start]]s here: the best trial only
+        return best is not None and best.number == number
+
+    def store_model(self, number, checkpoint, note):
+        self.stored[number] = torch.load(checkpoint, weights_only=True)["meta"]
+        return True
+
     error_line = staticmethod(lambda exc: str(exc))
     is_storage_error = staticmethod(lambda exc: isinstance(exc, OSError))
 
@@ -109,6 +119,7 @@ class FakeTrainer:
                  fail_on_epoch: int | None = None, error: BaseException | None = None):
         self.curve, self.diverge = curve, diverge or {}
         self.members: dict[int, list] = {}  # number -> [config, epoch]
+        self.configs: dict[int, TrainConfig] = {}  # every member ever added
         self.samples_trained = 0
         self.epochs_run = 0
         self.fail_on_epoch, self.error = fail_on_epoch, error
@@ -116,6 +127,10 @@ class FakeTrainer:
     def add(self, key, config):
         assert key not in self.members
         self.members[key] = [config, 0]
+        self.configs[key] = config
+
+    def model(self, key):
+        return model_from_spec(self.configs[key].model_spec(DATA))
 
     def remove(self, key):
         del self.members[key]
@@ -183,8 +198,8 @@ class Clock:
         self.now += seconds
 
 
-DATA = SimpleNamespace(num_classes=10, in_features=784, image_shape=(28, 28), mean=0.0, std=1.0, train_y=list(range(100)),
-                       describe=lambda: {"train": 100})
+DATA = SimpleNamespace(name="fake", classes=tuple(map(str, range(10))), num_classes=10, in_features=784,
+                       image_shape=(28, 28), mean=0.0, std=1.0, train_y=list(range(100)), describe=lambda: {"train": 100})
 
 
 def make_loop(session, trainer, population=2, timeout=None, clock=None, memory_refusal=lambda config: None):
@@ -412,3 +427,27 @@ def test_configs_that_cannot_fit_are_failed_before_training_and_a_space_of_them_
     with pytest.raises(HPSearchError, match="20 trials in a row did not fit in memory"):
         loop.execute()
     assert len(session.failed) == 20 and not session.told
+
+
+def test_the_model_of_each_new_best_trial_is_kept_and_a_failed_write_is_only_a_note(monkeypatch):
+    """A report, export or predict then needs no retraining; a full disk must not stop the study."""
+    values = {0: 0.52, 1: 0.60, 2: 0.55}  # 0 and 1 finish together (0 first), each then the best; 2 is not
+    session = FakeSession(target=3, epochs=2)
+    loop, reporter = make_loop(session, FakeTrainer(curve=lambda number, epoch: values[number]))
+    loop.execute()
+    assert sorted(session.stored) == [0, 1]
+    meta = session.stored[1]
+    config = session.told[1][2].config
+    assert meta["trained_by"] == "search" and meta["trial"] == 1 and meta["config"] == config
+    assert meta["validation_accuracy"] == 0.60 and [h["epoch"] for h in meta["history"]] == [1, 2]
+    assert meta["history"][-1]["val_acc"] == 0.60 and meta["history"][-1]["seconds"] == 1.0
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("hpsearch.search.save_checkpoint", full_disk)
+    session = FakeSession(target=3, epochs=2)
+    loop, reporter = make_loop(session, FakeTrainer(curve=lambda number, epoch: values[number]))
+    loop.execute()
+    assert len(session.told) == 3 and not session.stored
+    assert "trial 1's model was not kept (No space left on device); a report retrains it" in reporter.notes

@@ -21,7 +21,7 @@ from ..study.charts import IMPORTANCE_EVALUATORS
 from ..study.view import CHECKPOINT_NAME, Log, StudyView, open_view, study_summary, trials_frame
 from .figures import Chart, best_so_far_figure, learning_curves_figure, size_figure
 from .html import PLOTLY_JS, render_index
-from .retrain import Retrained, retrain_best, reuse_best, tested_best_start
+from .retrain import Retrained, kept_best, retrain_best, reuse_best, tested_best_start
 
 # PED-ANOVA (the default evaluator) contrasts the top 10% of trials with the rest: below 20
 # complete trials that top is one trial, so the importances are rough.
@@ -158,9 +158,13 @@ def _write_charts(out_dir: Path, charts: list[Chart]) -> list[str]:
 
 def _best_model(view: StudyView, out_dir: Path, retrain: bool | None, device: str, data_dir: str | None,
                 artifact: bool, log: Log) -> Retrained:
-    """The earlier report's model when it is still the best trial's (retrain None), else retrained."""
-    reused = reuse_best(view, out_dir, data_dir, log, artifact=artifact) if retrain is None else None
-    return reused or retrain_best(view, out_dir, device, data_dir, log, artifact=artifact)
+    """Unless `retrain` is True, the earlier report's model when it is still the best trial's, else
+    the trial's own model as the search kept it; else (or when `retrain`) the trial retrained."""
+    if retrain is None:
+        found = reuse_best(view, out_dir, data_dir, log, artifact) or kept_best(view, out_dir, data_dir, log, artifact)
+        if found is not None:
+            return found
+    return retrain_best(view, out_dir, device, data_dir, log, artifact=artifact)
 
 
 def write_report(study: str | None = None, storage: str = DEFAULT_STORAGE, out: str | os.PathLike | None = None,
@@ -168,9 +172,9 @@ def write_report(study: str | None = None, storage: str = DEFAULT_STORAGE, out: 
                  data_dir: str | None = None, artifact: bool = True, log: Log | None = None) -> Path:
     """Write the report folder of a study; returns the path of its index.html.
 
-    `retrain`: None retrains the best trial only when the folder's best_model.pt is not already its
-    model (same trial, configuration, data and trainer); True always retrains; False neither
-    retrains nor tests (no best.json, no model)."""
+    `retrain`: None retrains the best trial only when neither the folder's best_model.pt (same
+    trial, configuration, data and trainer) nor the model the search kept is its model; True
+    always retrains; False neither retrains nor tests (no best.json, no model)."""
     log = log or (lambda msg: None)
     if study is not None:
         check_study_name(study)
@@ -192,7 +196,8 @@ def write_report(study: str | None = None, storage: str = DEFAULT_STORAGE, out: 
     if retrain is not False:
         retrained = _best_model(view, out_dir, retrain, device, data_dir, artifact, log)
         charts += retrained.charts
-        _add_start_test(summary, retrained, tested_best_start(view, retrained, device, data_dir, log))
+        _add_start_test(summary, retrained, tested_best_start(view, retrained, device, data_dir, log,
+                                                                  use_kept=retrain is None))
         files += _write_best(out_dir, retrained)
     files += _write_charts(out_dir, charts)
     text = json.dumps(summary, indent=2, default=str) + "\n"

@@ -1,16 +1,19 @@
-"""Retrain a study's best configuration, evaluate it once on the test split, save it.
+"""The study's best model: found or retrained, evaluated once on the test split, saved.
 
-The best configuration is retrained from scratch on the study's training split (same data, same
-seed: the same model the trial trained, bit for bit on the CPU), evaluated once on the test split
-on the CPU in float32 (exactly what `load_model` gives), and saved as `best_model.pt`; `best.json`
-describes it. A later report reuses that checkpoint (`reuse_best`) while the best trial, its
-configuration, the data and the trainer are unchanged: it only evaluates it on the test split again.
+Three ways to the best trial's model, cheapest first (`report/build.py` tries them in order):
+`reuse_best`, the checkpoint an earlier report left in the folder, while the best trial, its
+configuration, the data and the trainer are unchanged; `kept_best`, the trial's own weights as
+the search kept them (`kept.py`); `retrain_best`, the configuration retrained from scratch on the
+study's training split (same data, same seed: the same model the trial trained, bit for bit on the
+CPU). The model is evaluated once on the test split on the CPU in float32 (exactly what
+`load_model` gives) and saved as `best_model.pt`; `best.json` describes it.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__
-from ..checkpoint import load_checkpoint, save_checkpoint
+from ..checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from ..config import resolve_device
 from ..data import Dataset, load_dataset
 from ..errors import HPSearchError, as_user_error, first_line
@@ -32,6 +35,7 @@ from ..study.storage import redact
 from ..study.view import CHECKPOINT_NAME, Log, StudyView, best_start_trial, file_sha256, store_artifact
 from ..train import TRAINER_VERSION, EpochResult, TrainResult, train_one
 from .figures import Chart, retrain_charts
+from .kept import HISTORY_FIELDS, KeptModel, kept_model
 
 # Bump when retraining, its evaluation or what best.json records changes: a report reuses an
 # earlier checkpoint only when it was made the same way (see `retrain_key`).
@@ -41,7 +45,6 @@ RETRAIN_VERSION = 1
 _SAVED_KEYS = ("test_accuracy", "test_loss", "test_correct", "test_total", "per_class", "macro_avg",
                "confusion_matrix", "classes", "dataset_info", "history", "param_count", "retrain_seconds",
                "checkpoint_sha256")
-_HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
 
 
 @dataclass
@@ -160,12 +163,13 @@ class _Run:
     view: StudyView
     config: TrainConfig
     data: Dataset
-    device: torch.device
+    device: str
     result: TrainResult
     model: torch.nn.Module  # on the CPU, float32, eval mode
     evaluation: Evaluation
     seconds: float
     note: str = ""
+    trained_by: str = "report"  # "search": the trial's own weights, kept when it finished
 
 
 def _train(view: StudyView, device: str, data_dir: str | None, log: Log) -> _Run:
@@ -180,7 +184,7 @@ def _train(view: StudyView, device: str, data_dir: str | None, log: Log) -> _Run
             f"for the trial's budget of {config.epochs} epochs; evaluated once on the test split")
     if result.stopped:
         note += f"; training stopped early: {result.stopped}"
-    return _Run(view, config, data, dev, result, model, ev, seconds, note)
+    return _Run(view, config, data, str(dev), result, model, ev, seconds, note)
 
 
 def train_and_test(config: TrainConfig, data: Dataset) -> tuple[TrainResult, torch.nn.Module, Evaluation, float]:
@@ -217,7 +221,8 @@ def _best_json(run: _Run, checkpoint: Path, artifact: dict | None) -> dict:
     return {
         "study": view.name, "storage": redact(view.url), "trial": best.number, "params": best.params,
         "config": run.config.to_dict(), "seed": run.config.seed, "trained_on": "train", "training": run.note,
-        "epochs": len(run.result.history), "device": str(run.device), "retrain_seconds": run.seconds,
+        "trained_by": run.trained_by, "epochs": len(run.result.history), "device": run.device,
+        "retrain_seconds": run.seconds,
         "study_validation_accuracy": best.value,
         "validation_accuracy": final.val_acc, "validation_loss": final.val_loss,
         "train_accuracy": final.train_acc, "train_loss": final.train_loss,
@@ -231,7 +236,7 @@ def _best_json(run: _Run, checkpoint: Path, artifact: dict | None) -> dict:
         "created": datetime.now().astimezone().isoformat(timespec="seconds"),
         # what a later report needs to reuse this checkpoint: the key, and the curves it charts
         "retrain_key": retrain_key(view, run.config),
-        "history": [{f: getattr(r, f) for f in _HISTORY_FIELDS} for r in run.result.history],
+        "history": [{f: getattr(r, f) for f in HISTORY_FIELDS} for r in run.result.history],
     }
 
 
@@ -286,7 +291,7 @@ def _well_formed(saved: dict) -> bool:
     """The parts of best.json that reuse rebuilds objects from have the shape it needs."""
     history = saved["history"]
     return (isinstance(saved["dataset_info"], dict) and isinstance(history, list) and bool(history)
-            and all(isinstance(h, dict) and all(f in h for f in _HISTORY_FIELDS) for h in history))
+            and all(isinstance(h, dict) and all(f in h for f in HISTORY_FIELDS) for h in history))
 
 
 def _data_info(data: Dataset) -> dict:
@@ -315,19 +320,47 @@ def reuse_best(view: StudyView, out: Path, data_dir: str | None, log: Log, artif
     ckpt = out / CHECKPOINT_NAME
     saved["artifact"] = (store_artifact(view.study, view.storage, view.url, ckpt, view.best.number, log)
                          if artifact else None)
-    history = [EpochResult(key=view.best.number, group_size=1, **{f: h[f] for f in _HISTORY_FIELDS})
-               for h in saved["history"]]
+    history = _epoch_results(view.best.number, saved["history"])
     charts = retrain_charts(data, ev, history, view.best.number)
     return Retrained(config, data, history, ev, saved["retrain_seconds"], ckpt, saved, charts)
 
 
+def _epoch_results(number: int, history: list[dict]) -> list[EpochResult]:
+    return [EpochResult(key=number, group_size=1, **{f: h[f] for f in HISTORY_FIELDS}) for h in history]
+
+
+def kept_best(view: StudyView, out: Path, data_dir: str | None, log: Log, artifact: bool = True) -> Retrained | None:
+    """The best trial's own model as the search kept it (no training): tested once, saved in
+    `out` byte for byte (so it stays the artifact it came from). None when the search did not
+    keep it (see `kept.kept_model`)."""
+    best, config = view.best, retrain_config(view)
+    kept = kept_model(view, best, config, log)
+    if kept is None:
+        return None
+    log(f"testing trial {best.number}'s own model, kept by the search when it finished (no retraining); "
+        f"--retrain to train it again")
+    data = retrain_data(view, torch.device("cpu"), data_dir, log)
+    ev = evaluate(kept.model, data.test_x.cpu(), data.test_y.cpu(), data.classes, data.image_shape)
+    ckpt = atomic_write(out / CHECKPOINT_NAME, lambda tmp: shutil.copyfile(kept.path, tmp))
+    art = store_artifact(view.study, view.storage, view.url, ckpt, best.number, log) if artifact else None
+    history = _epoch_results(best.number, kept.history)
+    device = str(kept.meta.get("device", "unknown"))
+    note = (f"the trial's own model, kept by the search when it finished: trained on the study's training split "
+            f"(validation held out) for {len(history)} epochs on {device}, not retrained; evaluated once on the "
+            f"test split")
+    run = _Run(view, config, data, device, TrainResult(kept.model, history), kept.model, ev, kept.seconds, note,
+               trained_by="search")
+    charts = retrain_charts(data, ev, history, best.number)
+    return Retrained(config, data, history, ev, kept.seconds, ckpt, _best_json(run, ckpt, art), charts)
+
+
 def tested_best_start(view: StudyView, retrained: Retrained, device: str, data_dir: str | None,
-                      log: Log) -> dict | None:
-    """The best [[start]] trial retrained (its own seed: the trial's model) on the report's device
-    and tested once, so the report can show what the search gained on the test split, not only
-    on validation (where the best of many trials' noisy numbers flatters it). None when a start
-    is the best trial or the best start has no recorded configuration. Reused from best.json when
-    it holds the same start."""
+                      log: Log, use_kept: bool = True) -> dict | None:
+    """The best [[start]] trial's model tested once, so the report can show what the search gained
+    on the test split, not only on validation (where the best of many trials' noisy numbers
+    flatters it): its own model as the search kept it (`use_kept`), else retrained (its own seed:
+    the trial's model) on the report's device. None when a start is the best trial or the best
+    start has no recorded configuration. Reused from best.json when it holds the same start."""
     start = best_start_trial(view.trials)
     if start is None or start.value >= view.best.value:
         return None
@@ -343,6 +376,9 @@ def tested_best_start(view: StudyView, retrained: Retrained, device: str, data_d
     except (TypeError, ValueError) as exc:
         log(f"not testing the best start (trial {start.number}): its configuration {first_line(exc)}")
         return None
+    kept = kept_model(view, start, config, log) if use_kept else None
+    if kept is not None:
+        return _tested_kept_start(start, kept, retrained.data, log)
     with as_user_error():
         dev = resolve_device(device)
     data = retrained.data if retrained.data.train_x.device == dev else retrain_data(view, dev, data_dir, log)
@@ -353,4 +389,15 @@ def tested_best_start(view: StudyView, retrained: Retrained, device: str, data_d
             f"{start.value:.4f} (another device, a population, or other code)")
     return {"trial": start.number, "start": start.start, "config": start.config, "device": str(dev),
             "study_validation_accuracy": start.value, "validation_accuracy": result.final.val_acc,
-            "test_accuracy": ev.accuracy, "retrain_seconds": seconds, "stopped": result.stopped}
+            "test_accuracy": ev.accuracy, "retrain_seconds": seconds, "stopped": result.stopped,
+            "trained_by": "report"}
+
+
+def _tested_kept_start(start, kept: KeptModel, data: Dataset, log: Log) -> dict:
+    """The best start's own model, kept by the search, tested once (no training)."""
+    log(f"testing the best start beside it: trial {start.number}'s own model, kept by the search")
+    ev = evaluate(kept.model, data.test_x.cpu(), data.test_y.cpu(), data.classes, data.image_shape)
+    return {"trial": start.number, "start": start.start, "config": start.config,
+            "device": str(kept.meta.get("device", "unknown")), "study_validation_accuracy": start.value,
+            "validation_accuracy": kept.meta["validation_accuracy"], "test_accuracy": ev.accuracy,
+            "retrain_seconds": kept.seconds, "stopped": None, "trained_by": "search"}

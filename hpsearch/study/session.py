@@ -2,7 +2,8 @@
 
 `StudySession` turns the loop's few verbs into Optuna calls: `ask` a trial (its number and
 `TrainConfig`), `report` an epoch, `should_prune`, `finish` with a state and a `TrialRecord`,
-`abandon` what it holds when stopping, `recover` dead workers' trials, `counts` and `best`.
+`abandon` what it holds when stopping, `recover` dead workers' trials, `counts` and `best`, and
+`store_model` for the trials whose model a report will want (`wants_model`).
 
 `--trials N` is the number of finished (complete or pruned) trials the *study* should hold,
 whoever runs them. A worker asks only while finished + running < N, and checks after asking that
@@ -23,6 +24,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import optuna
@@ -38,6 +40,7 @@ from .pruners import make_pruner
 from .schema import (FAILED_TRIAL, IDENTITY, METRIC, RUNS, WORKER, StudyAttr, TrialAttr, TrialRecord, foreign_reason,
                      set_study_attr, settled_study_attrs)
 from .storage import StudyLock, error_line, is_storage_error, open_storage, redact
+from .view import store_artifact
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LIVE = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
@@ -70,6 +73,7 @@ class AskedTrial:
     config: TrainConfig
     params: dict  # the sampled values only (the space's fixed ones are in `config`)
     retry_of: int | None = None  # a retry: the number of the trial it runs again
+    start: int | None = None  # the index of the [[start]] configuration it runs, None when sampled
 
 
 @dataclass(frozen=True)
@@ -437,7 +441,7 @@ class StudySession:
         self._beats.add(trial._trial_id)
         self.study._storage.set_trial_system_attr(trial._trial_id, WORKER, self._worker)
         return AskedTrial(trial.number, self._configs.pop(trial.number), dict(trial.params),
-                          trial.user_attrs.get(TrialAttr.RETRY_OF))
+                          trial.user_attrs.get(TrialAttr.RETRY_OF), trial.user_attrs.get(TrialAttr.START))
 
     def _keep(self, trial: optuna.Trial) -> None:
         """Register a new trial and sample all of its parameters, with Ctrl-C/SIGTERM held back (we
@@ -530,6 +534,19 @@ class StudySession:
 
     def counts(self) -> StudyCounts:
         return _counts(self.study)
+
+    def wants_model(self, number: int) -> bool:
+        """Whether complete trial `number` is now the study's best, or its best [[start]]: the
+        models a report tests (the report's choice, ties to the earlier trial as there)."""
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        starts = [t for t in complete if t.user_attrs.get(TrialAttr.START) is not None]
+        return any(trials and max(trials, key=lambda t: t.value).number == number for trials in (complete, starts))
+
+    def store_model(self, number: int, checkpoint: Path, note: Callable[[str], None]) -> bool:
+        """Store trial `number`'s checkpoint as a study artifact (what `report`, `export` and
+        `predict --study` look for); False, with a note, when the artifact store refused it."""
+        return store_artifact(self.study, self.study._storage, self.settings.storage, checkpoint, number,
+                              note) is not None
 
     def best(self) -> BestTrial | None:
         return _best(self.study)

@@ -2,9 +2,10 @@
 
 Opens a storage that must already exist, picks the study (by name, or the storage's only one),
 finds the best complete trial, and hands the rest of hpsearch plain values: `TrialRow`s, a
-summary dict, a trials table. The checkpoint of the best trial is stored here as an Optuna
-artifact of the study (finished trials cannot take new attributes, so it belongs to the study and
-is named `best_model_trial<N>.pt`), and found here again for `predict --study`.
+summary dict, a trials table. Trained models are Optuna artifacts of the study (finished trials
+cannot take new attributes, so they belong to the study and are named `best_model_trial<N>.pt`):
+the search keeps its best trial's and best start's, a report stores the one it retrains; they are
+found here again for `report`, `export` and `predict --study`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .schema import METRIC, StudyAttr, TrialAttr, TrialRow, foreign_reason, stud
 from .storage import artifact_dir, error_line, is_storage_error, open_existing_storage, redact
 
 CHECKPOINT_NAME = "best_model.pt"  # the report's copy, in results/<study>/
-ARTIFACT_PREFIX = "best_model_trial"  # the study artifact: best_model_trial<N>.pt
+ARTIFACT_PREFIX = "best_model_trial"  # the study artifact of trial N's model: best_model_trial<N>.pt
 
 Log = Callable[[str], None]
 
@@ -331,6 +332,15 @@ def store_artifact(study, storage, url: str, checkpoint: Path, trial_number: int
         return None
 
 
+def trial_checkpoints(study, storage, url: str, trial_number: int) -> list[Path]:
+    """The stored artifacts of trial `trial_number`'s model (kept by the search, or a report's),
+    newest first, whose files are here (a worker on another host keeps its files there)."""
+    wanted = f"{ARTIFACT_PREFIX}{trial_number}.pt"
+    store_dir = artifact_dir(url)
+    return [store_dir / meta.artifact_id for meta in reversed(optuna.artifacts.get_all_artifact_meta(study, storage=storage))
+            if meta.filename == wanted and (store_dir / meta.artifact_id).is_file()]
+
+
 def _checkpoint_trial(path: Path) -> int | None:
     """The trial number a report's checkpoint says it was trained from."""
     from ..checkpoint import read_checkpoint  # its checks (zip bombs, weights only) before torch.load
@@ -347,11 +357,9 @@ def find_study_checkpoint(study_name: str | None, storage_url: str = DEFAULT_STO
     storage = open_existing_storage(storage_url)
     study = resolve_study(storage, storage_url, study_name)
     best = best_complete_trial(study)
-    wanted = f"{ARTIFACT_PREFIX}{best.number}.pt"
-    store_dir = artifact_dir(storage_url)
-    for meta in reversed(optuna.artifacts.get_all_artifact_meta(study, storage=storage)):
-        if meta.filename == wanted and (store_dir / meta.artifact_id).is_file():
-            return store_dir / meta.artifact_id
+    stored = trial_checkpoints(study, storage, storage_url, best.number)
+    if stored:
+        return stored[0]
     local = Path(results_dir) / study.study_name / CHECKPOINT_NAME
     if local.is_file() and _checkpoint_trial(local) == best.number:
         return local

@@ -1,0 +1,150 @@
+"""The search keeps the models of its best trial and best start; report, export and predict use
+them without training, and retrain when a kept model is missing, damaged or not the trial's."""
+
+import json
+import math
+import shutil
+
+import optuna
+import pytest
+import torch
+
+from conftest import cli, make_idx_dir
+from test_report import copy_db
+from test_starts import SPACE
+
+# starts that learn slowly (SGD at lr 1e-4), so a sampled trial wins
+SLOW_STARTS = ("[[start]]\nlr = 1e-4\nlayer_size = 16\noptimizer = 'sgd'\n"
+               "[[start]]\nlr = 2e-4\nlayer_size = 16\noptimizer = 'sgd'\n")
+
+
+@pytest.fixture(scope="module")
+def kept(tmp_path_factory):
+    from hpsearch.config import RunSettings
+    from hpsearch.search import run_study
+
+    tmp = tmp_path_factory.mktemp("kept")
+    data = make_idx_dir(tmp / "data", n_train=300)
+    space = tmp / "space.toml"
+    space.write_text(SPACE + SLOW_STARTS)
+    url = f"sqlite:///{tmp}/studies/s.db"
+    run_study(RunSettings(trials=6, study="s", storage=url, dataset="idx", data_dir=str(data), space=str(space),
+                          epochs=2, device="cpu", pruner="none", sampler="random"))
+    study = optuna.load_study(study_name="s", storage=url)
+    starts = [t for t in study.trials if t.user_attrs.get("hpsearch:start") is not None]
+    best_start = max(starts, key=lambda t: t.value)
+    assert study.best_trial.number not in {t.number for t in starts}, "a start won: the tests need a sampled trial"
+    return {"tmp": tmp, "data": data, "url": url, "study": study, "best_start": best_start}
+
+
+def _kept_files(url, study) -> dict[int, dict]:
+    """trial number -> the meta of each model the search kept (last one per trial)."""
+    from hpsearch.study import artifact_dir
+
+    kept = {}
+    for meta in optuna.artifacts.get_all_artifact_meta(study):
+        ckpt = torch.load(artifact_dir(url) / meta.artifact_id, weights_only=True)
+        if ckpt["meta"].get("trained_by") == "search":
+            kept[ckpt["meta"]["trial"]] = ckpt["meta"]
+            assert meta.filename == f"best_model_trial{ckpt['meta']['trial']}.pt"
+    return kept
+
+
+def test_the_search_keeps_each_new_best_trial_and_best_start(kept):
+    study = kept["study"]
+    expected, best, best_start = set(), -math.inf, -math.inf
+    for t in sorted((t for t in study.trials if t.value is not None), key=lambda t: t.datetime_complete):
+        is_start = t.user_attrs.get("hpsearch:start") is not None
+        if t.value > best or (is_start and t.value > best_start):
+            expected.add(t.number)
+        best = max(best, t.value)
+        best_start = max(best_start, t.value) if is_start else best_start
+    kept_files = _kept_files(kept["url"], study)
+    assert set(kept_files) == expected
+    assert {study.best_trial.number, kept["best_start"].number} <= expected
+    meta = kept_files[study.best_trial.number]
+    assert meta["validation_accuracy"] == study.best_value and meta["config"] == study.best_trial.user_attrs["config"]
+    assert len(meta["history"]) == 2 and meta["history"][-1]["val_acc"] == pytest.approx(study.best_value)
+
+
+def test_the_report_tests_the_kept_models_without_training_and_they_are_the_retrained_ones(kept, tmp_path):
+    """On the CPU a kept model is bit for bit the one retraining gives: the report's numbers do not
+    change, only the time spent."""
+    from hpsearch.report import write_report
+
+    url, data = kept["url"], str(kept["data"])
+    logs = []
+    write_report("s", url, tmp_path / "kept", data_dir=data, log=logs.append)
+    assert not any(line.startswith(("retraining", "testing the best start beside it: retraining")) for line in logs), logs
+    assert any(line.startswith(f"testing trial {kept['study'].best_trial.number}'s own model, kept by the search")
+               for line in logs), logs
+    best = json.loads((tmp_path / "kept" / "best.json").read_text())
+    assert best["trained_by"] == "search" and best["best_start"]["trained_by"] == "search"
+    assert best["reproduced_study_value"] and best["best_start"]["trial"] == kept["best_start"].number
+    assert "validation accuracy (kept by the search)" in (tmp_path / "kept" / "index.html").read_text()
+
+    write_report("s", url, tmp_path / "retrained", data_dir=data, retrain=True)
+    again = json.loads((tmp_path / "retrained" / "best.json").read_text())
+    assert again["trained_by"] == "report" and again["best_start"]["trained_by"] == "report"
+    assert again["test_accuracy"] == best["test_accuracy"] and again["confusion_matrix"] == best["confusion_matrix"]
+    assert again["best_start"]["test_accuracy"] == best["best_start"]["test_accuracy"]
+    a, b = (torch.load(tmp_path / d / "best_model.pt", weights_only=True)["state_dict"] for d in ("kept", "retrained"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_and_predict_need_no_report_after_a_run(kept, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    out = tmp_path / "model.ts"
+    code, text, err = cli(["export", "--storage", kept["url"], "--study", "s", "--format", "torchscript",
+                           "--out", str(out)], monkeypatch, capsys)
+    assert code == 0 and out.is_file(), err
+    Image.new("L", (28, 28), 255).save(tmp_path / "white.png")
+    code, text, err = cli(["predict", str(tmp_path / "white.png"), "--storage", kept["url"], "--study", "s", "--json"],
+                          monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads(text)[0]["label"] in [str(c) for c in range(10)]
+
+
+def _study_copy(kept, tmp_path, artifacts: bool) -> str:
+    """The study in `tmp_path`, with or without the artifact files beside it (as on another host)."""
+    (tmp_path / "studies").mkdir()
+    copy_db(kept["tmp"] / "studies" / "s.db", tmp_path / "studies" / "s.db")
+    if artifacts:
+        shutil.copytree(kept["tmp"] / "studies" / "artifacts", tmp_path / "studies" / "artifacts")
+    return f"sqlite:///{tmp_path}/studies/s.db"
+
+
+def _kept_path(url, number):
+    """The file of the model the search kept for trial `number`."""
+    from hpsearch.study import artifact_dir
+
+    study = optuna.load_study(study_name="s", storage=url)
+    paths = [artifact_dir(url) / m.artifact_id for m in optuna.artifacts.get_all_artifact_meta(study)
+             if m.filename == f"best_model_trial{number}.pt"]
+    (path,) = [p for p in paths if torch.load(p, weights_only=True)["meta"].get("trained_by") == "search"]
+    return path
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "other weights"])
+def test_without_the_trials_own_model_the_report_retrains(kept, tmp_path, damage):
+    from hpsearch.report import write_report
+
+    url = _study_copy(kept, tmp_path, artifacts=damage != "missing")
+    number = kept["study"].best_trial.number
+    if damage == "garbage":
+        _kept_path(url, number).write_bytes(b"not a checkpoint")
+    elif damage == "other weights":  # e.g. copied over from another trial: its accuracy is not this trial's
+        path = _kept_path(url, number)
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["meta"]["validation_accuracy"] -= 0.01
+        torch.save(ckpt, path)
+    logs = []
+    write_report("s", url, tmp_path / "out", data_dir=str(kept["data"]), log=logs.append)
+    assert any(line.startswith(f"retraining trial {number}") for line in logs), logs
+    why = {"missing": None, "garbage": "is not an hpsearch checkpoint",
+           "other weights": "its validation_accuracy differs from the study's"}[damage]
+    if why:
+        assert any(line.startswith(f"not using the search's model of trial {number}: ") and why in line
+                   for line in logs), logs
+    assert json.loads((tmp_path / "out" / "best.json").read_text())["trained_by"] == "report"
