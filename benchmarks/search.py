@@ -15,9 +15,9 @@ training split unless --subset is given:
 and once, for reference:
   starts    the space's [[start]] configurations, each trained alone for the full epoch budget
             (the same seeds as in a study, so the same models)
-Each study's best trial is then retrained and tested by `hpsearch report` (not counted in the
-budget). Printed: trials finished, best validation accuracy reached by 1/4, 1/2 and all of the
-budget, the retrained model's test accuracy; the JSON has every number.
+Each study's best trial is then tested by `hpsearch report` (its own weights, kept by the search;
+not counted in the budget). Printed: trials finished, best validation accuracy reached by 1/4,
+1/2 and all of the budget, the best model's test accuracy; the JSON has every number.
 With several seeds (`--seed 0,1,2`: each a different validation split, trial seeds and sampler
 seed) everything runs once per seed, and a last table gives, per budget and method, the mean
 test accuracy and the mean and worst gain over the best start: one 10k-image test split moves
