@@ -31,10 +31,19 @@ class InstantTrainer:
 
     def __init__(self):
         self.members: dict = {}
+        self.configs: dict = {}
         self.samples_trained = 0
 
     def add(self, key, config):
         self.members[key] = [config, 0]
+        self.configs[key] = config
+
+    def model(self, key):
+        """An untrained network of the member's shape: the loop keeps the best trials' weights, and
+        storing them is part of the storage's work."""
+        from hpsearch.models import model_from_spec
+
+        return model_from_spec(self.configs[key].model_spec(DATA))
 
     def remove(self, key):
         self.members.pop(key, None)
@@ -57,8 +66,9 @@ class InstantTrainer:
         return results
 
 
-DATA = SimpleNamespace(num_classes=10, in_features=784, image_shape=(28, 28), mean=0.0, std=1.0,
-                       train_y=list(range(1000)), describe=lambda: {"train": 1000})
+DATA = SimpleNamespace(name="none", classes=tuple(map(str, range(10))), num_classes=10, in_features=784,
+                       image_shape=(28, 28), mean=0.0, std=1.0, train_y=list(range(1000)),
+                       describe=lambda: {"train": 1000})
 
 
 GRPC_PORT = 13457

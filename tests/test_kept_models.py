@@ -148,3 +148,30 @@ def test_without_the_trials_own_model_the_report_retrains(kept, tmp_path, damage
         assert any(line.startswith(f"not using the search's model of trial {number}: ") and why in line
                    for line in logs), logs
     assert json.loads((tmp_path / "out" / "best.json").read_text())["trained_by"] == "report"
+
+
+def test_models_kept_from_a_population_are_each_trials_own(tmp_path):
+    """Members trained together (as on a GPU, here 3 at once on the CPU, padded into one group):
+    each kept checkpoint, loaded and run on the validation split, gives its trial's accuracy."""
+    from hpsearch.checkpoint import load_model
+    from hpsearch.config import RunSettings
+    from hpsearch.data import load_dataset
+    from hpsearch.search import run_study
+
+    data = make_idx_dir(tmp_path / "data", n_train=300)
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE + SLOW_STARTS)
+    url = f"sqlite:///{tmp_path}/studies/s.db"
+    run_study(RunSettings(trials=6, study="s", storage=url, dataset="idx", data_dir=str(data), space=str(space),
+                          epochs=2, device="cpu", pruner="none", sampler="random", population=3, grouping="batch"))
+    study = optuna.load_study(study_name="s", storage=url)
+    assert max(t.user_attrs["population"] for t in study.trials) > 1
+    val = load_dataset("idx", str(data), "cpu", 0.1, None, 0)
+    kept_files = _kept_files(url, study)
+    assert study.best_trial.number in kept_files
+    for number, meta in kept_files.items():
+        path = _kept_path(url, number)
+        with torch.no_grad():
+            predicted = load_model(path)(val.val_x.view(-1, 1, *val.image_shape)).argmax(-1)
+        accuracy = float((predicted == val.val_y).float().mean())
+        assert accuracy == pytest.approx(study.trials[number].value, abs=1e-6) == meta["validation_accuracy"]
