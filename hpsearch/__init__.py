@@ -1,7 +1,7 @@
 """hpsearch: hyperparameter search for MNIST-style image classifiers.
 
     hpsearch run --trials 100        # an Optuna study into studies/hpsearch.db
-    hpsearch report                  # charts, tables and the retrained best model in results/<study>/
+    hpsearch report                  # charts, tables and the best model, tested, in results/<study>/
     hpsearch export --format onnx    # results/<study>/best_model.onnx
     hpsearch studies                 # what the storage holds
 

@@ -237,7 +237,7 @@ def dashboard(
     host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
     artifact_dir: Optional[str] = typer.Option(None, help="Artifact store folder (default: artifacts/ beside the database)."),
 ) -> None:
-    """Start optuna-dashboard on the study storage (with the report's checkpoints as artifacts)."""
+    """Start optuna-dashboard on the study storage (with the study's checkpoints as artifacts)."""
     from .dashboard import serve_dashboard
 
     serve_dashboard(storage, host, port, artifact_dir, announce=lambda msg: console.print(msg, markup=False),

@@ -204,7 +204,7 @@ class SearchLoop:
 
     `session` and `trainer` are duck-typed (tests drive the loop with fakes): the session as
     `hpsearch.study.StudySession`, the trainer as `PopulationTrainer` (add, remove, `in`,
-    run_epoch, samples_trained).
+    run_epoch, model, samples_trained).
     """
 
     def __init__(self, settings: RunSettings, session, trainer, reporter: Reporter, *, population: int,
@@ -372,18 +372,22 @@ class SearchLoop:
         """Store a complete trial's weights when it is the study's best or best start: `report`,
         `export` and `predict --study` then use the trial's own model, without training it again
         (after a 10-minute study on 2 CPU cores the report retrained the first MLP start for
-        129-153 s, the tutorial CNN for 457 s). Best effort: a model not kept is retrained."""
-        if not self.session.wants_model(number):
-            return
+        129-153 s, the tutorial CNN for 457 s). Best effort: whatever goes wrong here becomes a
+        note and the study goes on (a model not kept is retrained by the report); a storage that
+        failed fails the loop's next call, which says so."""
+        def not_kept(why: str) -> None:
+            self.reporter.note(f"trial {number}'s model was not kept: {why}; a report retrains it")
+
         try:
+            if not self.session.wants_model(number):
+                return
             model = self.trainer.model(number)  # it left the trainer in this epoch: still there
             with tempfile.TemporaryDirectory(prefix="hpsearch-model-") as tmp:
                 path = save_checkpoint(Path(tmp) / "model.pt", model, classes=self.data.classes,
                                        image_shape=self.data.image_shape, meta=self._model_meta(number, run, value))
-                self.session.store_model(number, path, self.reporter.note)
-        except OSError as exc:
-            why = exc.strerror or first_line(exc)
-            self.reporter.note(f"trial {number}'s model was not kept ({why}); a report retrains it")
+                self.session.store_model(number, path, not_kept)
+        except Exception as exc:  # noqa: BLE001 - never worth a study; Ctrl-C/SIGTERM are BaseExceptions
+            not_kept(exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc))
 
     def _model_meta(self, number: int, run: _Running, value: float) -> dict:
         """What a report checks before using a kept model instead of retraining it."""

@@ -126,7 +126,7 @@ def _kept_path(url, number):
     return path
 
 
-@pytest.mark.parametrize("damage", ["missing", "garbage", "other weights"])
+@pytest.mark.parametrize("damage", ["missing", "garbage", "other metadata", "other weights"])
 def test_without_the_trials_own_model_the_report_retrains(kept, tmp_path, damage):
     from hpsearch.report import write_report
 
@@ -134,16 +134,21 @@ def test_without_the_trials_own_model_the_report_retrains(kept, tmp_path, damage
     number = kept["study"].best_trial.number
     if damage == "garbage":
         _kept_path(url, number).write_bytes(b"not a checkpoint")
-    elif damage == "other weights":  # e.g. copied over from another trial: its accuracy is not this trial's
+    elif damage.startswith("other"):
         path = _kept_path(url, number)
         ckpt = torch.load(path, weights_only=True)
-        ckpt["meta"]["validation_accuracy"] -= 0.01
+        if damage == "other metadata":  # e.g. copied over from another trial
+            ckpt["meta"]["validation_accuracy"] -= 0.01
+        else:  # the metadata right, the weights not the trial's (a bug taking them out of a population)
+            ckpt["state_dict"] = {k: torch.zeros_like(v) if k.endswith("weight") else v
+                                  for k, v in ckpt["state_dict"].items()}
         torch.save(ckpt, path)
     logs = []
     write_report("s", url, tmp_path / "out", data_dir=str(kept["data"]), log=logs.append)
     assert any(line.startswith(f"retraining trial {number}") for line in logs), logs
     why = {"missing": None, "garbage": "is not an hpsearch checkpoint",
-           "other weights": "its validation_accuracy differs from the study's"}[damage]
+           "other metadata": "its validation_accuracy differs from the study's",
+           "other weights": "on the validation split, the trial"}[damage]
     if why:
         assert any(line.startswith(f"not using the search's model of trial {number}: ") and why in line
                    for line in logs), logs
@@ -175,3 +180,53 @@ def test_models_kept_from_a_population_are_each_trials_own(tmp_path):
             predicted = load_model(path)(val.val_x.view(-1, 1, *val.image_shape)).argmax(-1)
         accuracy = float((predicted == val.val_y).float().mean())
         assert accuracy == pytest.approx(study.trials[number].value, abs=1e-6) == meta["validation_accuracy"]
+
+
+def test_an_artifact_folder_that_cannot_be_written_costs_the_study_nothing(tmp_path):
+    """The search notes that the model was not kept and goes on; the report retrains it."""
+    from hpsearch.config import RunSettings
+    from hpsearch.report import write_report
+    from hpsearch.search import Reporter, run_study
+
+    class Notes(Reporter):
+        def __init__(self):
+            self.notes = []
+
+        def note(self, message):
+            self.notes.append(message)
+
+    data = make_idx_dir(tmp_path / "data", n_train=300)
+    space = tmp_path / "space.toml"
+    space.write_text(SPACE + SLOW_STARTS)
+    (tmp_path / "studies").mkdir()
+    (tmp_path / "studies" / "artifacts").write_text("a file where the artifact folder goes")
+    url = f"sqlite:///{tmp_path}/studies/s.db"
+    reporter = Notes()
+    summary = run_study(RunSettings(trials=3, study="s", storage=url, dataset="idx", data_dir=str(data),
+                                    space=str(space), epochs=2, device="cpu", pruner="none"), reporter)
+    assert summary.finished_in_study == 3
+    assert any(n.startswith("trial 0's model was not kept: could not store the checkpoint as an Optuna artifact in ")
+               and n.endswith("; a report retrains it") for n in reporter.notes), reporter.notes
+    logs = []
+    write_report("s", url, tmp_path / "out", data_dir=str(data), artifact=False, log=logs.append)
+    assert any(line.startswith(f"retraining trial {summary.best_trial}") for line in logs), logs
+
+
+def test_export_skips_a_half_written_or_damaged_artifact(kept, tmp_path):
+    """Optuna records an artifact before writing its file: the file is written whole or not at all
+    (renamed into place), and a reader skips a record whose file is absent or damaged."""
+    from hpsearch.report import find_study_checkpoint
+    from hpsearch.study import artifact_dir
+
+    url = _study_copy(kept, tmp_path, artifacts=True)
+    study = optuna.load_study(study_name="s", storage=url)
+    number = study.best_trial.number
+    good = find_study_checkpoint("s", url)
+    # as a crash mid-upload leaves it: the record, no file (or only a temporary one beside it)
+    study._storage.set_study_system_attr(study._study_id, "artifacts:00000000-dead", json.dumps(
+        {"artifact_id": "00000000-dead", "filename": f"best_model_trial{number}.pt",
+         "mimetype": "application/octet-stream", "encoding": None}))
+    assert find_study_checkpoint("s", url) == good
+    (artifact_dir(url) / "00000000-dead").write_bytes(b"PK\x03\x04 half a checkpoint")
+    assert find_study_checkpoint("s", url) == good
+    assert not list(artifact_dir(url).glob("*.tmp"))  # every upload finished its rename

@@ -146,7 +146,7 @@ def test_checkpoint_is_weights_only_and_stored_as_artifact(study_report):
     study = optuna.load_study(study_name="t", storage=storage)
     metas = optuna.artifacts.get_all_artifact_meta(study)
     # the models the search kept as trials finished, then the report's retrained one (newest)
-    assert metas[-1].filename == f"best_model_trial{study.best_trial.number}.pt"
+    assert len(metas) >= 2 and metas[-1].filename == f"best_model_trial{study.best_trial.number}.pt"
     for meta in metas[:-1]:
         assert torch.load(artifact_dir(storage) / meta.artifact_id, weights_only=True)["meta"]["trained_by"] == "search"
     stored = artifact_dir(storage) / metas[-1].artifact_id
@@ -319,7 +319,7 @@ def test_report_reuses_the_best_model_until_the_best_trial_changes(study_report,
     write_report("t", storage, out, log=logs.append)
     new = json.loads((out / "best.json").read_text())
     assert new["trial"] == 4 and new["epochs"] == 1
-    assert any(f"it is of trial {best['trial']}, the best trial is now 4; retraining" in line for line in logs)
+    assert any(f"it is of trial {best['trial']}, the best trial is now 4" in line for line in logs)
     assert any(line.startswith("retraining trial 4") for line in logs), logs
 
 
@@ -332,7 +332,7 @@ def test_a_changed_or_incomplete_best_json_is_retrained(study_report, tmp_path):
     (out / "best.json").write_text(json.dumps(best))
     logs = []
     write_report("t", storage, out, log=logs.append)
-    assert any("best.json lacks confusion_matrix; retraining" in line for line in logs), logs
+    assert any("best.json lacks confusion_matrix" in line for line in logs), logs
     assert "confusion_matrix" in json.loads((out / "best.json").read_text())
 
     best = json.loads((out / "best.json").read_text())
@@ -340,7 +340,7 @@ def test_a_changed_or_incomplete_best_json_is_retrained(study_report, tmp_path):
     (out / "best.json").write_text(json.dumps(best))
     logs = []
     write_report("t", storage, out, log=logs.append)
-    assert any("its trainer changed; retraining" in line for line in logs), logs
+    assert any("its trainer changed" in line for line in logs), logs
 
 
 def test_importance_from_few_trials_says_it_is_rough(study_report, tmp_path):

@@ -1,4 +1,4 @@
-"""`write_report`: read the study, draw its charts, retrain the best model, write the folder.
+"""`write_report`: read the study, draw its charts, test the best model, write the folder.
 
 Each step is one short function, called in the order the files appear; a chart that cannot be
 drawn yet becomes a note on the page instead of an error.

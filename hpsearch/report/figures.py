@@ -291,8 +291,8 @@ def retrain_charts(data: Dataset, ev: Evaluation, history: list[EpochResult], tr
     charts = [
         Chart("confusion_matrix", "Confusion matrix (test split)", confusion_figure(ev.confusion, data.classes)),
         Chart("misclassified", "Misclassified test images", misclassified_figure(data, ev)),
-        Chart("retrain_curves", "Retrained model: loss and accuracy",
-              curves_figure(history, f"Retrained best trial {trial_number}: loss and accuracy per epoch")),
+        Chart("retrain_curves", "Best model: loss and accuracy",
+              curves_figure(history, f"Best trial {trial_number}: loss and accuracy per epoch")),
         Chart("samples", "Sample of the data", samples_figure(data)),
     ]
     if charts[1].fig is None:

@@ -3,9 +3,10 @@
 As trials finish, the search stores the weights of the study's best trial and best [[start]]
 (`best_model_trial<N>.pt`, meta `trained_by: "search"`, with the trial's per-epoch history). A
 report tests that model instead of training the configuration again when it is the trial's own:
-same study, trial, configuration, data split and validation accuracy, to the last bit. Anything
-else (no artifact, its file on another host, a damaged file, a model a report retrained) is
-`None`, and the report retrains as before.
+its metadata names the study, trial, configuration and data split and the trial's validation
+accuracy, and (checked in retrain.py, once the data is loaded) it scores that accuracy on the
+validation split. Anything else (no artifact, its file on another host, a damaged file, a
+model a report retrained) is `None`, and the report retrains as before.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ class KeptModel:
 
     @property
     def seconds(self) -> float:
-        """The trial's training time (validation included), summed over its epochs."""
+        """The trial's training time (validation included), summed over its epochs; in a
+        population (a GPU), each epoch's time is the whole group's."""
         return float(sum(h["seconds"] for h in self.history))
 
 

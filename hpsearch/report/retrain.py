@@ -30,7 +30,7 @@ from ..data import Dataset, load_dataset
 from ..errors import HPSearchError, as_user_error, first_line
 from ..specs import TrainConfig, describe_shape
 from ..study import OPTUNA_VERSION
-from ..study.schema import StudyAttr, TrialAttr
+from ..study.schema import StudyAttr, TrialAttr, TrialRow
 from ..study.storage import redact
 from ..study.view import CHECKPOINT_NAME, Log, StudyView, best_start_trial, file_sha256, store_artifact
 from ..train import TRAINER_VERSION, EpochResult, TrainResult, train_one
@@ -314,7 +314,7 @@ def reuse_best(view: StudyView, out: Path, data_dir: str | None, log: Log, artif
             saved, why = None, "its test evaluation differs from best.json's (other data?)"
     if saved is None:
         if why:
-            log(f"not reusing {CHECKPOINT_NAME}: {why}; retraining")
+            log(f"not reusing {CHECKPOINT_NAME}: {why}")  # the next line says what is done instead
         return None
     log(f"reusing {CHECKPOINT_NAME} of trial {view.best.number} (same config); --retrain to train it again")
     ckpt = out / CHECKPOINT_NAME
@@ -329,17 +329,33 @@ def _epoch_results(number: int, history: list[dict]) -> list[EpochResult]:
     return [EpochResult(key=number, group_size=1, **{f: h[f] for f in HISTORY_FIELDS}) for h in history]
 
 
+def _checked_on_validation(kept: KeptModel, trial: TrialRow, data: Dataset, log: Log) -> float | None:
+    """The kept model's accuracy on the validation split, when it is the trial's (None, with the
+    reason in the log, when not): a check at run time of the weights the search took out of its
+    population, a path no CPU test here can take the way a GPU does. Float rounding may move a
+    borderline image or two (a GPU trial in reduced precision, evaluated in float32 here)."""
+    val = evaluate(kept.model, data.val_x.cpu(), data.val_y.cpu(), data.classes, data.image_shape)
+    if abs(val.accuracy - trial.value) > max(2.5 / val.total, 0.002):
+        log(f"not using the search's model of trial {trial.number}: it scores {val.accuracy:.4f} on the "
+            f"validation split, the trial {trial.value:.4f}")
+        return None
+    return val.accuracy
+
+
 def kept_best(view: StudyView, out: Path, data_dir: str | None, log: Log, artifact: bool = True) -> Retrained | None:
-    """The best trial's own model as the search kept it (no training): tested once, saved in
-    `out` byte for byte (so it stays the artifact it came from). None when the search did not
-    keep it (see `kept.kept_model`)."""
+    """The best trial's own model as the search kept it (no training): checked on the validation
+    split, tested once, saved in `out` byte for byte (so it stays the artifact it came from).
+    None when the search did not keep it, or kept something else (see `kept.kept_model`)."""
     best, config = view.best, retrain_config(view)
     kept = kept_model(view, best, config, log)
     if kept is None:
         return None
+    data = retrain_data(view, torch.device("cpu"), data_dir, log)
+    val_acc = _checked_on_validation(kept, best, data, log)
+    if val_acc is None:
+        return None
     log(f"testing trial {best.number}'s own model, kept by the search when it finished (no retraining); "
         f"--retrain to train it again")
-    data = retrain_data(view, torch.device("cpu"), data_dir, log)
     ev = evaluate(kept.model, data.test_x.cpu(), data.test_y.cpu(), data.classes, data.image_shape)
     ckpt = atomic_write(out / CHECKPOINT_NAME, lambda tmp: shutil.copyfile(kept.path, tmp))
     art = store_artifact(view.study, view.storage, view.url, ckpt, best.number, log) if artifact else None
@@ -350,8 +366,11 @@ def kept_best(view: StudyView, out: Path, data_dir: str | None, log: Log, artifa
             f"test split")
     run = _Run(view, config, data, device, TrainResult(kept.model, history), kept.model, ev, kept.seconds, note,
                trained_by="search")
+    best_json = _best_json(run, ckpt, art)
+    # measured here on the validation split, not the number the search recorded
+    best_json.update(validation_accuracy=val_acc, reproduced_study_value=abs(val_acc - best.value) < 1e-6)
     charts = retrain_charts(data, ev, history, best.number)
-    return Retrained(config, data, history, ev, kept.seconds, ckpt, _best_json(run, ckpt, art), charts)
+    return Retrained(config, data, history, ev, kept.seconds, ckpt, best_json, charts)
 
 
 def tested_best_start(view: StudyView, retrained: Retrained, device: str, data_dir: str | None,
@@ -377,8 +396,9 @@ def tested_best_start(view: StudyView, retrained: Retrained, device: str, data_d
         log(f"not testing the best start (trial {start.number}): its configuration {first_line(exc)}")
         return None
     kept = kept_model(view, start, config, log) if use_kept else None
-    if kept is not None:
-        return _tested_kept_start(start, kept, retrained.data, log)
+    val_acc = _checked_on_validation(kept, start, retrained.data, log) if kept is not None else None
+    if val_acc is not None:
+        return _tested_kept_start(start, kept, val_acc, retrained.data, log)
     with as_user_error():
         dev = resolve_device(device)
     data = retrained.data if retrained.data.train_x.device == dev else retrain_data(view, dev, data_dir, log)
@@ -393,11 +413,11 @@ def tested_best_start(view: StudyView, retrained: Retrained, device: str, data_d
             "trained_by": "report"}
 
 
-def _tested_kept_start(start, kept: KeptModel, data: Dataset, log: Log) -> dict:
+def _tested_kept_start(start: TrialRow, kept: KeptModel, val_acc: float, data: Dataset, log: Log) -> dict:
     """The best start's own model, kept by the search, tested once (no training)."""
     log(f"testing the best start beside it: trial {start.number}'s own model, kept by the search")
     ev = evaluate(kept.model, data.test_x.cpu(), data.test_y.cpu(), data.classes, data.image_shape)
     return {"trial": start.number, "start": start.start, "config": start.config,
             "device": str(kept.meta.get("device", "unknown")), "study_validation_accuracy": start.value,
-            "validation_accuracy": kept.meta["validation_accuracy"], "test_accuracy": ev.accuracy,
+            "validation_accuracy": val_acc, "test_accuracy": ev.accuracy,
             "retrain_seconds": kept.seconds, "stopped": None, "trained_by": "search"}

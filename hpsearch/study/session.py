@@ -73,7 +73,6 @@ class AskedTrial:
     config: TrainConfig
     params: dict  # the sampled values only (the space's fixed ones are in `config`)
     retry_of: int | None = None  # a retry: the number of the trial it runs again
-    start: int | None = None  # the index of the [[start]] configuration it runs, None when sampled
 
 
 @dataclass(frozen=True)
@@ -441,7 +440,7 @@ class StudySession:
         self._beats.add(trial._trial_id)
         self.study._storage.set_trial_system_attr(trial._trial_id, WORKER, self._worker)
         return AskedTrial(trial.number, self._configs.pop(trial.number), dict(trial.params),
-                          trial.user_attrs.get(TrialAttr.RETRY_OF), trial.user_attrs.get(TrialAttr.START))
+                          trial.user_attrs.get(TrialAttr.RETRY_OF))
 
     def _keep(self, trial: optuna.Trial) -> None:
         """Register a new trial and sample all of its parameters, with Ctrl-C/SIGTERM held back (we
@@ -544,7 +543,7 @@ class StudySession:
 
     def store_model(self, number: int, checkpoint: Path, note: Callable[[str], None]) -> bool:
         """Store trial `number`'s checkpoint as a study artifact (what `report`, `export` and
-        `predict --study` look for); False, with a note, when the artifact store refused it."""
+        `predict --study` look for); False, with a note saying why, when it could not be stored."""
         return store_artifact(self.study, self.study._storage, self.settings.storage, checkpoint, number,
                               note) is not None
 

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -305,6 +306,22 @@ def _existing_artifact(study, storage, store_dir: Path, filename: str, digest: s
     return None
 
 
+class _AtomicFileStore(optuna.artifacts.FileSystemArtifactStore):
+    """Optuna's file store, each file written beside its place and renamed into it. Optuna 5.0
+    records an artifact before it writes the file: with a plain write, a report or export reading
+    the study meanwhile could load half a checkpoint, and a full disk would leave a truncated one
+    on record. Now a file is whole or absent (and an absent one is skipped)."""
+
+    def write(self, artifact_id: str, content_body) -> None:
+        from ..checkpoint import atomic_write
+
+        def copy(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(content_body, f)
+
+        atomic_write(self._get_filepath(artifact_id), copy)
+
+
 def _upload(study, storage, store_dir: Path, checkpoint: Path, filename: str) -> str:
     store_dir.mkdir(parents=True, exist_ok=True)
     # the artifact takes the name of the uploaded file: upload a copy named best_model_trial<N>.pt
@@ -312,7 +329,7 @@ def _upload(study, storage, store_dir: Path, checkpoint: Path, filename: str) ->
         named = Path(tmp) / filename
         named.write_bytes(checkpoint.read_bytes())
         return optuna.artifacts.upload_artifact(
-            artifact_store=optuna.artifacts.FileSystemArtifactStore(store_dir), file_path=str(named),
+            artifact_store=_AtomicFileStore(store_dir), file_path=str(named),
             study_or_trial=study, storage=storage, mimetype="application/octet-stream")
 
 
@@ -342,7 +359,7 @@ def trial_checkpoints(study, storage, url: str, trial_number: int) -> list[Path]
 
 
 def _checkpoint_trial(path: Path) -> int | None:
-    """The trial number a report's checkpoint says it was trained from."""
+    """The trial number a checkpoint says it was trained from; None for a file that is not one."""
     from ..checkpoint import read_checkpoint  # its checks (zip bombs, weights only) before torch.load
 
     try:
@@ -357,9 +374,9 @@ def find_study_checkpoint(study_name: str | None, storage_url: str = DEFAULT_STO
     storage = open_existing_storage(storage_url)
     study = resolve_study(storage, storage_url, study_name)
     best = best_complete_trial(study)
-    stored = trial_checkpoints(study, storage, storage_url, best.number)
-    if stored:
-        return stored[0]
+    for stored in trial_checkpoints(study, storage, storage_url, best.number):
+        if _checkpoint_trial(stored) == best.number:  # a damaged file: the next one, or the report's
+            return stored
     local = Path(results_dir) / study.study_name / CHECKPOINT_NAME
     if local.is_file() and _checkpoint_trial(local) == best.number:
         return local
