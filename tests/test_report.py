@@ -145,11 +145,13 @@ def test_checkpoint_is_weights_only_and_stored_as_artifact(study_report):
     storage = study_report["storage"]
     study = optuna.load_study(study_name="t", storage=storage)
     metas = optuna.artifacts.get_all_artifact_meta(study)
-    # the models the search kept as trials finished, then the report's retrained one (newest)
-    assert len(metas) >= 2 and metas[-1].filename == f"best_model_trial{study.best_trial.number}.pt"
-    for meta in metas[:-1]:
-        assert torch.load(artifact_dir(storage) / meta.artifact_id, weights_only=True)["meta"]["trained_by"] == "search"
-    stored = artifact_dir(storage) / metas[-1].artifact_id
+    # the models the search kept as trials finished, and the report's retrained one, the newest
+    made_by = {m.artifact_id: torch.load(artifact_dir(storage) / m.artifact_id, weights_only=True)["meta"]["trained_by"]
+               for m in metas}
+    assert list(made_by.values()).count("report") == 1 and len(made_by) >= 2, made_by
+    (report_id,) = [artifact_id for artifact_id, by in made_by.items() if by == "report"]
+    assert {m.filename for m in metas if m.artifact_id == report_id} == {f"best_model_trial{study.best_trial.number}.pt"}
+    stored = artifact_dir(storage) / report_id
     assert stored.parent == study_report["tmp"] / "studies" / "artifacts"
     assert stored.read_bytes() == path.read_bytes()
     assert find_study_checkpoint("t", storage) == stored

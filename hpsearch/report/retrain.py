@@ -205,7 +205,7 @@ def _checkpoint_meta(run: _Run) -> dict:
         "study": view.name, "storage": redact(view.url), "trial": view.best.number, "params": view.best.params,
         "config": run.config.to_dict(), "dataset": run.data.name, "dataset_info": run.data.describe(),
         "subset": view.attrs.get(StudyAttr.SUBSET), "val_fraction": view.attrs.get(StudyAttr.VAL_FRACTION),
-        "split_seed": view.attrs.get(StudyAttr.SEED), "trained_on": "train",
+        "split_seed": view.attrs.get(StudyAttr.SEED), "trained_on": "train", "trained_by": "report",
         "validation_accuracy": final.val_acc, "test_accuracy": run.evaluation.accuracy, "versions": versions(),
     }
 

@@ -350,12 +350,15 @@ def store_artifact(study, storage, url: str, checkpoint: Path, trial_number: int
 
 
 def trial_checkpoints(study, storage, url: str, trial_number: int) -> list[Path]:
-    """The stored artifacts of trial `trial_number`'s model (kept by the search, or a report's),
-    newest first, whose files are here (a worker on another host keeps its files there)."""
+    """The stored artifacts of trial `trial_number`'s model (kept by the search, or a report's)
+    whose files are here (a worker on another host keeps its files there), newest file first:
+    Optuna lists a study's artifacts in the storage's order of its attribute keys (random ids
+    on SQLite), not in the order they were stored."""
     wanted = f"{ARTIFACT_PREFIX}{trial_number}.pt"
     store_dir = artifact_dir(url)
-    return [store_dir / meta.artifact_id for meta in reversed(optuna.artifacts.get_all_artifact_meta(study, storage=storage))
-            if meta.filename == wanted and (store_dir / meta.artifact_id).is_file()]
+    paths = [store_dir / meta.artifact_id for meta in optuna.artifacts.get_all_artifact_meta(study, storage=storage)
+             if meta.filename == wanted and (store_dir / meta.artifact_id).is_file()]
+    return sorted(paths, key=lambda path: path.stat().st_mtime_ns, reverse=True)
 
 
 def _checkpoint_trial(path: Path) -> int | None:
