@@ -20,6 +20,10 @@
 # with the same seed after 90 s without a heartbeat. At the time limit Slurm sends SIGTERM: the
 # task marks its trial failed and queued, so the next run takes it first.
 #
+# The weights of the study's best trials are kept in studies/artifacts/ under the folder a task
+# runs in (the submit folder, on a shared file system): run `hpsearch report`, `export` and
+# `predict` from that folder and they use them without training again.
+#
 #SBATCH --job-name=hpsearch
 #SBATCH --array=0-7
 #SBATCH --gres=gpu:1

@@ -113,16 +113,16 @@ def load_study(study: str | None = None, storage: str = DEFAULT_STORAGE):
 
 @dataclass(frozen=True)
 class Report:
-    """What `report` wrote: the page, the best trial, and (when it retrained) its model and test accuracy."""
+    """What `report` wrote: the page, the best trial, and (unless retrain=False) its model and test accuracy."""
 
     index: Path  # results/<study>/index.html
     study: str
     best_trial: int
     validation_accuracy: float  # the best trial's value in the study
-    test_accuracy: float | None  # the retrained model on the test split
-    checkpoint: Path | None  # the retrained model: results/<study>/best_model.pt
+    test_accuracy: float | None  # the best model (kept by the search, or retrained) on the test split
+    checkpoint: Path | None  # that model: results/<study>/best_model.pt
     # the best [[start]] trial: trial, value and the search's lead over it; when the report tested
-    # it (it does when it retrains), its test_accuracy and test_lead too; None without starts
+    # it (it does unless retrain=False), its test_accuracy and test_lead too; None without starts
     best_start: dict | None = None
 
     def __fspath__(self) -> str:
@@ -135,8 +135,8 @@ def report(study: str | None = None, *, storage: str = DEFAULT_STORAGE, out: str
     """Write a study's report folder (default results/<study>/); returns a `Report`.
 
     The options are `hpsearch report`'s (see `hpsearch.report.write_report`): `retrain` None
-    retrains the best trial unless the folder already holds its model, True always, False never
-    (no test accuracy, no checkpoint). `log` receives the progress lines (None: silent).
+    retrains the best trial only when neither the folder nor the search's kept models hold its
+    model, True always, False never (no test accuracy, no checkpoint). `log` receives the progress lines (None: silent).
 
     >>> result = hpsearch.report("demo", log=None)   # after the `run` example
     >>> result.index.name, result.checkpoint.name, 0.3 < result.test_accuracy <= 1
@@ -161,7 +161,7 @@ def checkpoint_for(checkpoint: str | os.PathLike | None = None, study: str | Non
                    storage: str = DEFAULT_STORAGE,
                    results_dir: str | os.PathLike = RESULTS_DIR) -> tuple[Path, str | None]:
     """(checkpoint file, study name or None): the given file, else the checkpoint of the study's best
-    trial that `hpsearch report` made (`study` None: the storage's only study)."""
+    trial (kept by `hpsearch run`, or made by `hpsearch report`; `study` None: the storage's only study)."""
     if checkpoint is not None and study is not None:
         raise HPSearchError("give either --checkpoint PATH or --study NAME, not both")
     if checkpoint is not None:

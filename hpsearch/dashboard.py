@@ -1,9 +1,9 @@
 """`hpsearch dashboard`: optuna-dashboard on a study storage, with the study's artifact store.
 
 The server binds 127.0.0.1 unless told otherwise (the dashboard can edit and delete studies, so
-it is not put on the network by default). The artifact store is the file-system store that
-`hpsearch report` uploads the best checkpoint to (`artifacts/` beside a SQLite or journal file),
-so the dashboard lists and serves it.
+it is not put on the network by default). The artifact store is the file-system store where
+`hpsearch run` keeps the best trials' checkpoints and `hpsearch report` stores the one it
+retrains (`artifacts/` beside a SQLite or journal file), so the dashboard lists and serves them.
 """
 
 from __future__ import annotations

@@ -395,7 +395,8 @@ class SearchLoop:
         return {"study": s.study, "trial": number, "params": run.asked.params, "config": run.asked.config.to_dict(),
                 "dataset": self.data.name, "dataset_info": self.data.describe(), "subset": s.subset,
                 "val_fraction": s.val_fraction, "split_seed": s.seed, "trained_on": "train",
-                "trained_by": "search", "device": self.device, "population": max(run.population),
+                "trained_by": "search", "device": self.device, "precision": s.precision,
+                "population": max(run.population),
                 "validation_accuracy": value, "history": run.history(), "versions": _versions()}
 
     def _out_of_memory(self, exc: RuntimeError) -> None:

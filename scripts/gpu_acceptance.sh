@@ -4,7 +4,8 @@
 #   bench       hpsearch bench --device cuda --json           (issues 2 and 5: rows, roofline)
 #   population  the default 100-trial, 20-epoch study, population training (issue 5: <= 90 s)
 #   sequential  the same study one trial at a time, --population 1 (issue 5: accuracy to match)
-#   report      report + retrain of the population study on the GPU (issue 3: test accuracy)
+#   report      report of the population study (issue 3: test accuracy): it tests the model the search
+#               kept out of its GPU population, checked first on the validation split (its log says)
 #   precision   the population study again with --precision tf32 and bf16 (speed and accuracy)
 #
 # Usage: bash scripts/gpu_acceptance.sh STEP [STEP ...]

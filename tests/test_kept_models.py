@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import cli, make_idx_dir
+from hpsearch.errors import HPSearchError
 from test_report import copy_db
 from test_starts import SPACE
 
@@ -83,7 +84,7 @@ def test_the_report_tests_the_kept_models_without_training_and_they_are_the_retr
     assert best["reproduced_study_value"] and best["best_start"]["trial"] == kept["best_start"].number
     assert "validation accuracy (kept by the search)" in (tmp_path / "kept" / "index.html").read_text()
 
-    write_report("s", url, tmp_path / "retrained", data_dir=data, retrain=True)
+    write_report("s", url, tmp_path / "retrained", data_dir=data, retrain=True, artifact=False)
     again = json.loads((tmp_path / "retrained" / "best.json").read_text())
     assert again["trained_by"] == "report" and again["best_start"]["trained_by"] == "report"
     assert again["test_accuracy"] == best["test_accuracy"] and again["confusion_matrix"] == best["confusion_matrix"]
@@ -95,6 +96,10 @@ def test_the_report_tests_the_kept_models_without_training_and_they_are_the_retr
 def test_export_and_predict_need_no_report_after_a_run(kept, tmp_path, monkeypatch, capsys):
     from PIL import Image
 
+    from hpsearch.report import find_study_checkpoint
+
+    kept_file = find_study_checkpoint("s", kept["url"])  # no report has run: the search's own
+    assert torch.load(kept_file, weights_only=True)["meta"]["trained_by"] == "search"
     out = tmp_path / "model.ts"
     code, text, err = cli(["export", "--storage", kept["url"], "--study", "s", "--format", "torchscript",
                            "--out", str(out)], monkeypatch, capsys)
@@ -126,7 +131,7 @@ def _kept_path(url, number):
     return path
 
 
-@pytest.mark.parametrize("damage", ["missing", "garbage", "other metadata", "other weights"])
+@pytest.mark.parametrize("damage", ["missing", "garbage", "other metadata", "other weights", "other data"])
 def test_without_the_trials_own_model_the_report_retrains(kept, tmp_path, damage):
     from hpsearch.report import write_report
 
@@ -139,6 +144,8 @@ def test_without_the_trials_own_model_the_report_retrains(kept, tmp_path, damage
         ckpt = torch.load(path, weights_only=True)
         if damage == "other metadata":  # e.g. copied over from another trial
             ckpt["meta"]["validation_accuracy"] -= 0.01
+        elif damage == "other data":  # e.g. a --data-dir with other files than the study's
+            ckpt["meta"]["dataset_info"]["train"] += 1
         else:  # the metadata right, the weights not the trial's (a bug taking them out of a population)
             ckpt["state_dict"] = {k: torch.zeros_like(v) if k.endswith("weight") else v
                                   for k, v in ckpt["state_dict"].items()}
@@ -146,12 +153,14 @@ def test_without_the_trials_own_model_the_report_retrains(kept, tmp_path, damage
     logs = []
     write_report("s", url, tmp_path / "out", data_dir=str(kept["data"]), log=logs.append)
     assert any(line.startswith(f"retraining trial {number}") for line in logs), logs
-    why = {"missing": None, "garbage": "is not an hpsearch checkpoint",
+    why = {"missing": f"the study records a model of trial {number} whose file is not in ",
+           "garbage": "is not an hpsearch checkpoint",
            "other metadata": "its validation_accuracy differs from the study's",
-           "other weights": "on the validation split, the trial"}[damage]
-    if why:
-        assert any(line.startswith(f"not using the search's model of trial {number}: ") and why in line
-                   for line in logs), logs
+           "other weights": "on the validation split it scores ",
+           "other data": "it was trained on other data than the study's here"}[damage]
+    prefix = (f"the study records a model of trial {number}" if damage == "missing"
+              else f"not using the search's model of trial {number}: ")
+    assert any(line.startswith(prefix) and why in line for line in logs), logs
     assert json.loads((tmp_path / "out" / "best.json").read_text())["trained_by"] == "report"
 
 
@@ -230,3 +239,10 @@ def test_export_skips_a_half_written_or_damaged_artifact(kept, tmp_path):
     (artifact_dir(url) / "00000000-dead").write_bytes(b"PK\x03\x04 half a checkpoint")
     assert find_study_checkpoint("s", url) == good
     assert not list(artifact_dir(url).glob("*.tmp"))  # every upload finished its rename
+
+    # a kept file whose metadata is not the trial's is not exported either
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["meta"]["validation_accuracy"] -= 0.01
+    torch.save(ckpt, good)
+    with pytest.raises(HPSearchError, match=f"has no checkpoint of its best trial \\({number}\\) yet"):
+        find_study_checkpoint("s", url, results_dir=tmp_path / "results")

@@ -22,7 +22,7 @@ from ..checkpoint import load_checkpoint
 from ..errors import HPSearchError, first_line
 from ..specs import TrainConfig
 from ..study.schema import StudyAttr, TrialRow
-from ..study.view import Log, StudyView, trial_checkpoints
+from ..study.view import Log, StudyView, absent_checkpoints_note, trial_checkpoints
 
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "seconds")
 
@@ -76,13 +76,16 @@ def kept_model(view: StudyView, trial: TrialRow, config: TrainConfig, log: Log) 
             model, ckpt = load_checkpoint(path)
         except HPSearchError as exc:
             log(f"not using the search's model of trial {trial.number}: {first_line(exc)}")
-            return None
+            continue
         meta = ckpt.get("meta") if isinstance(ckpt.get("meta"), dict) else {}
         if meta.get("trained_by") != "search":
             continue  # a model a report retrained: that report's folder has what it was tested on
         why = _mismatch(view, trial, config, meta)
         if why is not None:
             log(f"not using the search's model of trial {trial.number}: {why}")
-            return None
+            continue
         return KeptModel(model, meta, path)
+    absent = absent_checkpoints_note(view.study, view.storage, view.url, trial.number)
+    if absent:
+        log(absent)
     return None

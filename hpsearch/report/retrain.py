@@ -332,13 +332,24 @@ def _epoch_results(number: int, history: list[dict]) -> list[EpochResult]:
 def _checked_on_validation(kept: KeptModel, trial: TrialRow, data: Dataset, log: Log) -> float | None:
     """The kept model's accuracy on the validation split, when it is the trial's (None, with the
     reason in the log, when not): a check at run time of the weights the search took out of its
-    population, a path no CPU test here can take the way a GPU does. Float rounding may move a
-    borderline image or two (a GPU trial in reduced precision, evaluated in float32 here)."""
-    val = evaluate(kept.model, data.val_x.cpu(), data.val_y.cpu(), data.classes, data.image_shape)
-    if abs(val.accuracy - trial.value) > max(2.5 / val.total, 0.002):
-        log(f"not using the search's model of trial {trial.number}: it scores {val.accuracy:.4f} on the "
-            f"validation split, the trial {trial.value:.4f}")
-        return None
+    population, a path no CPU test here can take the way a GPU does. The loss must agree too (two
+    members can be equally accurate): to 0.1% in float32, 2% for a trial in reduced precision on a
+    GPU, evaluated in float32 here; rounding may also move a borderline image or two."""
+    def refuse(why: str) -> None:
+        log(f"not using the search's model of trial {trial.number}: {why}")
+
+    trained_on = kept.meta.get("dataset_info")
+    if not isinstance(trained_on, dict) or _data_info(data) != {k: v for k, v in trained_on.items() if k != "source"}:
+        return refuse("it was trained on other data than the study's here")
+    try:
+        val = evaluate(kept.model, data.val_x.cpu(), data.val_y.cpu(), data.classes, data.image_shape)
+    except RuntimeError as exc:  # e.g. images of another size under --data-dir
+        return refuse(f"it cannot run on the data here ({first_line(exc)})")
+    loss = kept.history[-1]["val_loss"]
+    loss_tolerance = 1e-3 if kept.meta.get("precision", "fp32") == "fp32" else 2e-2
+    if abs(val.accuracy - trial.value) > max(2.5 / val.total, 0.002) or abs(val.loss - loss) > loss_tolerance * loss:
+        return refuse(f"on the validation split it scores {val.accuracy:.4f} (loss {val.loss:.4f}), "
+                      f"the trial {trial.value:.4f} (loss {loss:.4f})")
     return val.accuracy
 
 

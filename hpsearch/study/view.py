@@ -307,19 +307,27 @@ def _existing_artifact(study, storage, store_dir: Path, filename: str, digest: s
 
 
 class _AtomicFileStore(optuna.artifacts.FileSystemArtifactStore):
-    """Optuna's file store, each file written beside its place and renamed into it. Optuna 5.0
-    records an artifact before it writes the file: with a plain write, a report or export reading
-    the study meanwhile could load half a checkpoint, and a full disk would leave a truncated one
-    on record. Now a file is whole or absent (and an absent one is skipped)."""
+    """Optuna's file store, each file written beside its place and renamed into it. Optuna (4.0
+    to 5.0) records an artifact before it writes the file: with a plain write, a report or export
+    reading the study meanwhile could load half a checkpoint, and a full disk would leave a
+    truncated one on record. Now a file is whole or absent (and an absent one is skipped)."""
+
+    def __init__(self, base_path: Path) -> None:
+        super().__init__(base_path)
+        self.folder = Path(base_path)
 
     def write(self, artifact_id: str, content_body) -> None:
         from ..checkpoint import atomic_write
+
+        path = self.folder / artifact_id
+        if path.parent != self.folder:  # Optuna makes the ids (uuid4): never a path
+            raise ValueError(f"invalid artifact id {artifact_id!r}")
 
         def copy(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 shutil.copyfileobj(content_body, f)
 
-        atomic_write(self._get_filepath(artifact_id), copy)
+        atomic_write(path, copy)
 
 
 def _upload(study, storage, store_dir: Path, checkpoint: Path, filename: str) -> str:
@@ -354,21 +362,46 @@ def trial_checkpoints(study, storage, url: str, trial_number: int) -> list[Path]
     whose files are here (a worker on another host keeps its files there), newest file first:
     Optuna lists a study's artifacts in the storage's order of its attribute keys (random ids
     on SQLite), not in the order they were stored."""
-    wanted = f"{ARTIFACT_PREFIX}{trial_number}.pt"
-    store_dir = artifact_dir(url)
-    paths = [store_dir / meta.artifact_id for meta in optuna.artifacts.get_all_artifact_meta(study, storage=storage)
-             if meta.filename == wanted and (store_dir / meta.artifact_id).is_file()]
+    paths = [path for path in _trial_artifacts(study, storage, url, trial_number) if path.is_file()]
     return sorted(paths, key=lambda path: path.stat().st_mtime_ns, reverse=True)
 
 
-def _checkpoint_trial(path: Path) -> int | None:
-    """The trial number a checkpoint says it was trained from; None for a file that is not one."""
+def absent_checkpoints_note(study, storage, url: str, trial_number: int) -> str | None:
+    """What to say when the study records models of the trial whose files are not here (stored
+    by a run on another host, or in another folder for a server storage); None otherwise."""
+    absent = [path for path in _trial_artifacts(study, storage, url, trial_number) if not path.exists()]
+    if not absent:
+        return None
+    return (f"the study records a model of trial {trial_number} whose file is not in {artifact_dir(url)} "
+            f"(stored by a run on another host or in another folder)")
+
+
+def _trial_artifacts(study, storage, url: str, trial_number: int) -> list[Path]:
+    wanted = f"{ARTIFACT_PREFIX}{trial_number}.pt"
+    store_dir = artifact_dir(url)
+    return [store_dir / meta.artifact_id for meta in optuna.artifacts.get_all_artifact_meta(study, storage=storage)
+            if meta.filename == wanted]
+
+
+def _checkpoint_meta(path: Path) -> dict | None:
+    """A checkpoint's metadata; None for a file that is not a checkpoint."""
     from ..checkpoint import read_checkpoint  # its checks (zip bombs, weights only) before torch.load
 
     try:
-        return read_checkpoint(path).get("meta", {}).get("trial")
+        meta = read_checkpoint(path).get("meta")
     except Exception:  # noqa: BLE001 - load_model will say what is wrong with it
         return None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _is_model_of(meta: dict | None, trial: FrozenTrial) -> bool:
+    """Whether a checkpoint's metadata says it is `trial`'s model: its number, and for one the
+    search kept, the trial's configuration and validation accuracy too (`report` also runs it
+    on the validation split; export and predict have no data to)."""
+    if meta is None or meta.get("trial") != trial.number:
+        return False
+    return meta.get("trained_by") != "search" or (meta.get("config") == trial.user_attrs.get(TrialAttr.CONFIG)
+                                                   and meta.get("validation_accuracy") == trial.value)
 
 
 def find_study_checkpoint(study_name: str | None, storage_url: str = DEFAULT_STORAGE,
@@ -378,13 +411,15 @@ def find_study_checkpoint(study_name: str | None, storage_url: str = DEFAULT_STO
     study = resolve_study(storage, storage_url, study_name)
     best = best_complete_trial(study)
     for stored in trial_checkpoints(study, storage, storage_url, best.number):
-        if _checkpoint_trial(stored) == best.number:  # a damaged file: the next one, or the report's
+        if _is_model_of(_checkpoint_meta(stored), best):  # else the next one, or the report's
             return stored
     local = Path(results_dir) / study.study_name / CHECKPOINT_NAME
-    if local.is_file() and _checkpoint_trial(local) == best.number:
+    if local.is_file() and _is_model_of(_checkpoint_meta(local), best):
         return local
-    raise HPSearchError(f"study {study.study_name!r} has no checkpoint of its best trial ({best.number}) yet; "
-                        f"run `hpsearch report --study {study.study_name}` first")
+    absent = absent_checkpoints_note(study, storage, storage_url, best.number)
+    raise HPSearchError(f"study {study.study_name!r} has no checkpoint of its best trial ({best.number}) "
+                        f"{'here: ' + absent if absent else 'yet'}; run `hpsearch report --study {study.study_name}` "
+                        f"first")
 
 
 def dashboard_app(storage_url: str, store_dir: Path):
