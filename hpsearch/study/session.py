@@ -143,8 +143,12 @@ def _write_identity(study: optuna.Study, settings: RunSettings, space: Space, id
 
 def _refuse_foreign(study: optuna.Study, settings: RunSettings) -> None:
     """Never train into someone else's study (a minimize or multi-objective one, or other trials)."""
-    reason = foreign_reason([d.name for d in study.directions], study.user_attrs,
-                            study._storage.get_n_trials(study._study_id))
+    # Trials first: hpsearch writes a study's identity before its first trial, so attributes read
+    # after the count include it. Read the other way round, a worker joining a study a server
+    # worker was creating saw no identity, then the creator's first trial: "not created by
+    # hpsearch" (fresh-clone CI on PostgreSQL, 2026-12-02: one of three simultaneous starts).
+    n_trials = study._storage.get_n_trials(study._study_id)
+    reason = foreign_reason([d.name for d in study.directions], study.user_attrs, n_trials)
     if reason is not None:
         raise HPSearchError(f"study {settings.study!r} in {redact(settings.storage)} was not created by hpsearch "
                             f"({reason}); pick another --study")
