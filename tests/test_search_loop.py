@@ -107,7 +107,6 @@ class FakeSession:
 
     def store_model(self, number, checkpoint, note):
         self.stored[number] = torch.load(checkpoint, weights_only=True)["meta"]
-        return True
 
     error_line = staticmethod(lambda exc: str(exc))
     is_storage_error = staticmethod(lambda exc: isinstance(exc, OSError))

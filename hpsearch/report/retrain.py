@@ -294,9 +294,13 @@ def _well_formed(saved: dict) -> bool:
             and all(isinstance(h, dict) and all(f in h for f in HISTORY_FIELDS) for h in history))
 
 
-def _data_info(data: Dataset) -> dict:
-    # where the files were read from does not change the model
-    return {k: v for k, v in json.loads(json.dumps(data.describe(), default=str)).items() if k != "source"}
+def _same_data(saved_info, data: Dataset) -> bool:
+    """Whether a saved `dataset_info` describes `data` (where the files were read from does not
+    change the model)."""
+    if not isinstance(saved_info, dict):
+        return False
+    here = json.loads(json.dumps(data.describe(), default=str))
+    return {k: v for k, v in saved_info.items() if k != "source"} == {k: v for k, v in here.items() if k != "source"}
 
 
 def reuse_best(view: StudyView, out: Path, data_dir: str | None, log: Log, artifact: bool = True) -> Retrained | None:
@@ -309,8 +313,7 @@ def reuse_best(view: StudyView, out: Path, data_dir: str | None, log: Log, artif
         data = retrain_data(view, torch.device("cpu"), data_dir, log)
         model, _ = load_checkpoint(out / CHECKPOINT_NAME)
         ev = evaluate(model, data.test_x.cpu(), data.test_y.cpu(), data.classes, data.image_shape)
-        info = {k: v for k, v in saved["dataset_info"].items() if k != "source"}
-        if info != _data_info(data) or ev.confusion.tolist() != saved["confusion_matrix"]:
+        if not _same_data(saved["dataset_info"], data) or ev.confusion.tolist() != saved["confusion_matrix"]:
             saved, why = None, "its test evaluation differs from best.json's (other data?)"
     if saved is None:
         if why:
@@ -338,8 +341,7 @@ def _checked_on_validation(kept: KeptModel, trial: TrialRow, data: Dataset, log:
     def refuse(why: str) -> None:
         log(f"not using the search's model of trial {trial.number}: {why}")
 
-    trained_on = kept.meta.get("dataset_info")
-    if not isinstance(trained_on, dict) or _data_info(data) != {k: v for k, v in trained_on.items() if k != "source"}:
+    if not _same_data(kept.meta.get("dataset_info"), data):
         return refuse("it was trained on other data than the study's here")
     try:
         val = evaluate(kept.model, data.val_x.cpu(), data.val_y.cpu(), data.classes, data.image_shape)

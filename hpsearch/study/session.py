@@ -545,11 +545,10 @@ class StudySession:
         starts = [t for t in complete if t.user_attrs.get(TrialAttr.START) is not None]
         return any(trials and max(trials, key=lambda t: t.value).number == number for trials in (complete, starts))
 
-    def store_model(self, number: int, checkpoint: Path, note: Callable[[str], None]) -> bool:
+    def store_model(self, number: int, checkpoint: Path, note: Callable[[str], None]) -> None:
         """Store trial `number`'s checkpoint as a study artifact (what `report`, `export` and
-        `predict --study` look for); False, with a note saying why, when it could not be stored."""
-        return store_artifact(self.study, self.study._storage, self.settings.storage, checkpoint, number,
-                              note) is not None
+        `predict --study` look for); when it cannot be stored, `note` says why."""
+        store_artifact(self.study, self.study._storage, self.settings.storage, checkpoint, number, note)
 
     def best(self) -> BestTrial | None:
         return _best(self.study)
